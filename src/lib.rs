@@ -1,0 +1,19 @@
+//! mati-sentinel: Mandiant Threat Intelligence indicators into Microsoft Sentinel.
+//!
+//! A cycle pages through Mandiant's `/v4/indicator` feed from a checkpoint (`mati`), keeps
+//! what the policy allows (`policy`), maps each indicator to STIX 2.1 (`stix`), skips what
+//! Sentinel already has (`dedupe`), uploads the rest under Sentinel's rate limit (`sentinel`,
+//! `rate_limit`, `retry`), and records what was accepted before moving the checkpoint
+//! (`state`). `sync` sequences it; `config` reads the settings; `app` builds the parts.
+//! See ARCHITECTURE.md for the map and the invariants.
+
+pub mod config;
+pub mod dedupe;
+pub mod mati;
+pub mod policy;
+pub mod rate_limit;
+pub mod retry;
+pub mod sentinel;
+pub mod state;
+pub mod stix;
+pub mod sync;

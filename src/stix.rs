@@ -1,0 +1,531 @@
+//! Mandiant indicator → STIX 2.1 `indicator`: pure, no I/O, the clock passed in.
+//!
+//! Invariants: the STIX id depends only on the Mandiant id (so every run and every re-install
+//! names an indicator the same way, and re-sending is an update, never a duplicate); the
+//! pattern is one comparison whose quoted value round-trips to the observable's value;
+//! timestamps are RFC 3339 UTC with milliseconds and `created <= modified`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::{Duration, OffsetDateTime};
+
+use crate::config::{HashType, StixConfig};
+use crate::mati::{MatiIndicator, parse_timestamp};
+use crate::policy::{Observable, ObservableKind, categories};
+
+/// The property extension that carries what STIX has no field for (DESIGN §5).
+pub const EXTENSION_ID: &str = "extension-definition--5b3c9e4e-6f1d-4c57-9a0e-2d7f4b1c8a31";
+/// The `identity` every indicator names as its creator.
+pub const IDENTITY_ID: &str = "identity--7a8c5d1e-3b2f-4e6a-9c0d-1f2e3d4c5b6a";
+const IDENTITY_CREATED: &str = "2013-01-01T00:00:00.000Z";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ExternalReference {
+    pub source_name: String,
+    pub external_id: String,
+    pub url: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MandiantExtension {
+    pub extension_type: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mscore: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub threat_score: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub severity: Option<String>,
+    pub action: String,
+    pub passive_only: bool,
+}
+
+/// Our STIX 2.1 indicator; field order is the order on the wire.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StixIndicator {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub spec_version: String,
+    pub id: String,
+    pub created: String,
+    pub modified: String,
+    pub created_by_ref: String,
+    pub name: String,
+    pub description: String,
+    pub indicator_types: Vec<String>,
+    pub pattern: String,
+    pub pattern_type: String,
+    pub pattern_version: String,
+    pub valid_from: String,
+    pub valid_until: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub confidence: Option<u8>,
+    pub labels: Vec<String>,
+    pub external_references: Vec<ExternalReference>,
+    pub extensions: BTreeMap<String, MandiantExtension>,
+}
+
+/// STIX timestamp: UTC, exactly three fraction digits (the validator requires milliseconds).
+pub fn format_timestamp(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+/// A UUID derived from a name, shaped as version 4 (STIX wants v4 for these objects).
+pub fn derive_uuid(namespace: &str, name: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"mati-sentinel/");
+    h.update(namespace.as_bytes());
+    h.update(b"/");
+    h.update(name.as_bytes());
+    let d = h.finalize();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// The STIX id of a Mandiant indicator.
+pub fn indicator_id(mandiant_id: &str) -> String {
+    format!("indicator--{}", derive_uuid("indicator", mandiant_id))
+}
+
+/// Quotes a value for a STIX pattern: `\` → `\\`, `'` → `\'`, nothing else changes.
+pub fn quote(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('\'');
+    for c in value.chars() {
+        if c == '\\' || c == '\'' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
+pub fn pattern(o: &Observable) -> String {
+    let path = match o.kind {
+        ObservableKind::Ipv4 => "ipv4-addr:value",
+        ObservableKind::Domain => "domain-name:value",
+        ObservableKind::Url => "url:value",
+        ObservableKind::File(HashType::Md5) => "file:hashes.'MD5'",
+        ObservableKind::File(HashType::Sha1) => "file:hashes.'SHA-1'",
+        ObservableKind::File(HashType::Sha256) => "file:hashes.'SHA-256'",
+    };
+    format!("[{path} = {}]", quote(&o.value))
+}
+
+fn lifetime_days(kind: ObservableKind, c: &StixConfig) -> u32 {
+    match kind {
+        ObservableKind::Ipv4 => c.ipv4_days,
+        ObservableKind::Domain => c.fqdn_days,
+        ObservableKind::Url => c.url_days,
+        ObservableKind::File(_) => c.hash_days,
+    }
+}
+
+/// The STIX object for a kept indicator, as uploaded at `now`.
+pub fn to_stix(
+    ind: &MatiIndicator,
+    obs: &Observable,
+    c: &StixConfig,
+    now: OffsetDateTime,
+) -> StixIndicator {
+    let now_s = format_timestamp(now);
+    // A first_seen in the future (clock skew) would make created > modified, which STIX forbids.
+    let created = ind
+        .first_seen
+        .as_deref()
+        .and_then(parse_timestamp)
+        .filter(|t| *t <= now)
+        .map(format_timestamp)
+        .unwrap_or_else(|| now_s.clone());
+    let valid_until = format_timestamp(now + Duration::days(lifetime_days(obs.kind, c).into()));
+
+    let mut labels: Vec<String> = categories(ind).into_iter().collect();
+    let mut attributed: Vec<&str> = Vec::new();
+    for a in &ind.attributed_associations {
+        let name = a.name.trim();
+        if !name.is_empty() && !attributed.contains(&name) {
+            attributed.push(name);
+        }
+    }
+    for name in &attributed {
+        if !labels.iter().any(|l| l == name) {
+            labels.push((*name).to_string());
+        }
+    }
+    labels.push(format!("action:{}", c.action.as_str()));
+    if c.passive_only {
+        labels.push("passive-only".into());
+    }
+
+    let threat = ind.threat_rating.as_ref();
+    let threat_score = threat.and_then(|t| t.threat_score);
+    let severity = threat
+        .and_then(|t| t.severity_level.clone())
+        .filter(|s| !s.trim().is_empty());
+    let mut description = match threat_score {
+        Some(s) => format!("Mandiant threat score {s}"),
+        None => "Mandiant threat score unknown".to_string(),
+    };
+    if let Some(sev) = &severity {
+        description.push_str(&format!(", severity {sev}"));
+    }
+    if !attributed.is_empty() {
+        description.push_str(&format!("; attributed to {}", attributed.join(", ")));
+    }
+
+    let mut extensions = BTreeMap::new();
+    extensions.insert(
+        EXTENSION_ID.to_string(),
+        MandiantExtension {
+            extension_type: "property-extension".into(),
+            mscore: ind.mscore,
+            threat_score,
+            severity,
+            action: c.action.as_str().into(),
+            passive_only: c.passive_only,
+        },
+    );
+
+    StixIndicator {
+        kind: "indicator".into(),
+        spec_version: "2.1".into(),
+        id: indicator_id(&ind.id),
+        created,
+        modified: now_s.clone(),
+        created_by_ref: IDENTITY_ID.into(),
+        name: obs.value.clone(),
+        description,
+        indicator_types: vec!["malicious-activity".into()],
+        pattern: pattern(obs),
+        pattern_type: "stix".into(),
+        pattern_version: "2.1".into(),
+        valid_from: now_s,
+        valid_until,
+        confidence: ind.mscore,
+        labels,
+        external_references: vec![ExternalReference {
+            source_name: "Mandiant".into(),
+            external_id: ind.id.clone(),
+            url: format!("https://advantage.mandiant.com/indicator/{}", ind.id),
+        }],
+        extensions,
+    }
+}
+
+/// A digest of everything but the timestamps: when it changes, Sentinel's copy is stale.
+pub fn fingerprint(s: &StixIndicator) -> u64 {
+    let mut h = Sha256::new();
+    let mut field = |v: &str| {
+        h.update((v.len() as u64).to_le_bytes());
+        h.update(v.as_bytes());
+    };
+    field(&s.id);
+    field(&s.created_by_ref);
+    field(&s.name);
+    field(&s.description);
+    for t in &s.indicator_types {
+        field(t);
+    }
+    field(&s.pattern);
+    field(&s.confidence.map(|c| c.to_string()).unwrap_or_default());
+    field(&s.labels.len().to_string());
+    for l in &s.labels {
+        field(l);
+    }
+    for r in &s.external_references {
+        field(&r.source_name);
+        field(&r.external_id);
+        field(&r.url);
+    }
+    for (k, e) in &s.extensions {
+        field(k);
+        field(&serde_json::to_string(e).unwrap_or_default());
+    }
+    let d = h.finalize();
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// The Mandiant `identity` that `created_by_ref` names, uploaded once per cycle with the
+/// STIX objects API so Sentinel shows "Created by Mandiant".
+pub fn identity() -> serde_json::Value {
+    serde_json::json!({
+        "type": "identity",
+        "spec_version": "2.1",
+        "id": IDENTITY_ID,
+        "created": IDENTITY_CREATED,
+        "modified": IDENTITY_CREATED,
+        "name": "Mandiant",
+        "identity_class": "organization",
+        "description": "Mandiant Threat Intelligence, synced by mati-sentinel",
+    })
+}
+
+/// A STIX bundle of the identity and the indicators (the dry run's output).
+pub fn bundle(indicators: &[StixIndicator], now: OffsetDateTime) -> serde_json::Value {
+    let mut objects = vec![identity()];
+    objects.extend(
+        indicators
+            .iter()
+            .map(|i| serde_json::to_value(i).expect("a STIX indicator serialises")),
+    );
+    serde_json::json!({
+        "type": "bundle",
+        "id": format!("bundle--{}", derive_uuid("bundle", &format_timestamp(now))),
+        "objects": objects,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Action, EnabledTypes, PolicyConfig};
+    use crate::policy::evaluate;
+    use proptest::prelude::*;
+    use time::macros::datetime;
+
+    const NOW: OffsetDateTime = datetime!(2026-12-03 12:00:00.123456 UTC);
+
+    fn cfg() -> StixConfig {
+        StixConfig {
+            ipv4_days: 7,
+            fqdn_days: 14,
+            url_days: 21,
+            hash_days: 90,
+            action: Action::Alert,
+            passive_only: false,
+        }
+    }
+
+    fn lenient(hash: HashType) -> PolicyConfig {
+        PolicyConfig {
+            min_confidence: 0,
+            min_threat_score: 0,
+            exclude_osint: false,
+            include_uncategorized: true,
+            hash_type: hash,
+            types: EnabledTypes {
+                ipv4: true,
+                fqdn: true,
+                url: true,
+                hash: true,
+            },
+        }
+    }
+
+    /// Parses a single-comparison pattern with the STIX 2.1 grammar's rules for the
+    /// bracketed comparison and `StringLiteral` (`'` ( ~['\\] | `\'` | `\\` )* `'`),
+    /// returning the object path and the unescaped value. Independent of `quote`.
+    fn parse_pattern(p: &str) -> Option<(String, String)> {
+        let inner = p.strip_prefix('[')?.strip_suffix(']')?;
+        let (path, rest) = inner.split_once(" = ")?;
+        let mut chars = rest.chars();
+        if chars.next()? != '\'' {
+            return None;
+        }
+        let mut value = String::new();
+        loop {
+            match chars.next()? {
+                '\\' => match chars.next()? {
+                    c @ ('\\' | '\'') => value.push(c),
+                    _ => return None,
+                },
+                '\'' => break,
+                c => value.push(c),
+            }
+        }
+        chars.next().is_none().then(|| (path.to_string(), value))
+    }
+
+    #[test]
+    fn escaping_follows_the_grammar() {
+        let o = Observable {
+            kind: ObservableKind::Url,
+            value: r"http://x/a'b\c".into(),
+        };
+        assert_eq!(pattern(&o), r"[url:value = 'http://x/a\'b\\c']");
+        assert_eq!(
+            parse_pattern(&pattern(&o)),
+            Some(("url:value".into(), o.value.clone()))
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_value_yields_a_pattern_that_round_trips(value in any::<String>()) {
+            for kind in [ObservableKind::Url, ObservableKind::Domain, ObservableKind::File(HashType::Sha256)] {
+                let o = Observable { kind, value: value.clone() };
+                let (_, back) = parse_pattern(&pattern(&o)).expect("pattern parses");
+                prop_assert_eq!(back, value.clone());
+            }
+        }
+
+        #[test]
+        fn long_urls_with_quotes_round_trip(
+            value in proptest::collection::vec(prop_oneof![Just('\''), Just('\\'), Just('é'), Just('😀'), any::<char>()], 1..2000)
+        ) {
+            let value: String = value.into_iter().collect();
+            let o = Observable { kind: ObservableKind::Url, value: value.clone() };
+            let (path, back) = parse_pattern(&pattern(&o)).expect("pattern parses");
+            prop_assert_eq!(path, "url:value");
+            prop_assert_eq!(back, value);
+        }
+    }
+
+    #[test]
+    fn ids_are_deterministic_version_4_shaped_and_distinct() {
+        let a = indicator_id("ipv4--296e3068-fe73-558d-a4b9-77ac5b9d4cf8");
+        assert_eq!(
+            a,
+            indicator_id("ipv4--296e3068-fe73-558d-a4b9-77ac5b9d4cf8")
+        );
+        assert_ne!(
+            a,
+            indicator_id("ipv4--296e3068-fe73-558d-a4b9-77ac5b9d4cf9")
+        );
+        let uuid = a.strip_prefix("indicator--").unwrap();
+        let b = uuid.as_bytes();
+        assert_eq!(b[14], b'4', "version nibble in {uuid}");
+        assert!(
+            matches!(b[19], b'8' | b'9' | b'a' | b'b'),
+            "variant in {uuid}"
+        );
+        assert!(crate::config::is_guid(uuid));
+    }
+
+    #[test]
+    fn timestamps_have_milliseconds_and_utc() {
+        assert_eq!(format_timestamp(NOW), "2026-12-03T12:00:00.123Z");
+        let t = datetime!(2026-12-03 14:00:00 +02:00);
+        assert_eq!(format_timestamp(t), "2026-12-03T12:00:00.000Z");
+    }
+
+    fn golden(name: &str, hash: HashType, action: Action, passive: bool) {
+        let path = format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
+        let input: MatiIndicator =
+            serde_json::from_str(&std::fs::read_to_string(format!("{path}.mati.json")).unwrap())
+                .unwrap();
+        let obs = evaluate(&input, &lenient(hash)).unwrap();
+        let c = StixConfig {
+            action,
+            passive_only: passive,
+            ..cfg()
+        };
+        let got = serde_json::to_string_pretty(&to_stix(&input, &obs, &c, NOW)).unwrap() + "\n";
+        let want_path = format!("{path}.stix.json");
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&want_path, &got).unwrap();
+        }
+        let want = std::fs::read_to_string(&want_path).unwrap();
+        assert_eq!(
+            got, want,
+            "golden {name} differs (UPDATE_GOLDEN=1 rewrites after review)"
+        );
+    }
+
+    #[test]
+    fn golden_example_a_ipv4() {
+        golden("example-a-ipv4", HashType::Md5, Action::Alert, false);
+    }
+
+    #[test]
+    fn golden_example_b_md5_as_sha256_with_attribution() {
+        golden("example-b-md5", HashType::Sha256, Action::Block, true);
+    }
+
+    #[test]
+    fn golden_example_c_fqdn_mixed_sources() {
+        golden("example-c-fqdn", HashType::Md5, Action::Allow, false);
+    }
+
+    #[test]
+    fn golden_example_d_threat_rating() {
+        golden(
+            "example-d-threat-rating",
+            HashType::Md5,
+            Action::Alert,
+            false,
+        );
+    }
+
+    #[test]
+    fn mapping_fields_follow_the_design() {
+        let ind: MatiIndicator = serde_json::from_value(serde_json::json!({
+            "id": "fqdn--1", "type": "fqdn", "value": "evil.example", "mscore": 95,
+            "first_seen": "2030-01-01T00:00:00.000Z",
+            "sources": [{"category": ["Phishing"]}],
+            "attributed_associations": [{"name": "APT29", "type": "threat-actor"}, {"name": "APT29"}],
+            "threat_rating": {"threat_score": 88}
+        }))
+        .unwrap();
+        let obs = evaluate(&ind, &lenient(HashType::Md5)).unwrap();
+        let c = StixConfig {
+            passive_only: true,
+            action: Action::Block,
+            ..cfg()
+        };
+        let s = to_stix(&ind, &obs, &c, NOW);
+        assert_eq!(
+            s.created, s.modified,
+            "a future first_seen is clamped to now"
+        );
+        assert_eq!(s.valid_from, "2026-12-03T12:00:00.123Z");
+        assert_eq!(
+            s.valid_until, "2026-12-17T12:00:00.123Z",
+            "fqdn lifetime 14 days"
+        );
+        assert_eq!(s.confidence, Some(95));
+        assert_eq!(
+            s.labels,
+            vec!["phishing", "APT29", "action:block", "passive-only"]
+        );
+        assert_eq!(
+            s.description,
+            "Mandiant threat score 88; attributed to APT29"
+        );
+        assert_eq!(s.pattern, "[domain-name:value = 'evil.example']");
+        let ext = &s.extensions[EXTENSION_ID];
+        assert_eq!((ext.mscore, ext.threat_score), (Some(95), Some(88)));
+        assert_eq!((ext.action.as_str(), ext.passive_only), ("block", true));
+    }
+
+    #[test]
+    fn fingerprint_ignores_timestamps_only() {
+        let ind: MatiIndicator = serde_json::from_value(serde_json::json!({
+            "id": "ipv4--1", "type": "ipv4", "value": "1.2.3.4", "mscore": 90
+        }))
+        .unwrap();
+        let obs = evaluate(&ind, &lenient(HashType::Md5)).unwrap();
+        let a = to_stix(&ind, &obs, &cfg(), NOW);
+        let b = to_stix(&ind, &obs, &cfg(), NOW + Duration::days(3));
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        let mut c = a.clone();
+        c.confidence = Some(91);
+        assert_ne!(fingerprint(&a), fingerprint(&c));
+        let mut d = a.clone();
+        d.labels.push("new".into());
+        assert_ne!(fingerprint(&a), fingerprint(&d));
+    }
+}

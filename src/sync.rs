@@ -1,0 +1,776 @@
+//! One sync cycle: Mandiant pages → policy → STIX → dedupe → Sentinel → state.
+//!
+//! `plan_page` is pure; `run_cycle` is the one function that awaits, and it knows no HTTP or
+//! storage details. Invariants: only objects Sentinel accepted enter the dedupe cache; the
+//! checkpoint moves to a window's end only after every object of that window was answered by
+//! Sentinel and the cache was saved; a cycle stops between batches when its budget runs out.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+use tokio::time::Instant;
+
+use crate::config::{PolicyConfig, StixConfig, SyncConfig, UploadApi};
+use crate::dedupe::{Decision, DedupeCache, Entry, derived_uuid, uuid_bytes};
+use crate::mati::{MatiClient, MatiPage, WindowQuery, decode_indicator, parse_timestamp};
+use crate::policy::evaluate;
+use crate::sentinel::{MAX_BATCH, SentinelUploader};
+use crate::state::{CHECKPOINT, Checkpoint, DEDUPE_CACHE, Precondition, StateStore, Versioned};
+use crate::stix::{StixIndicator, fingerprint, identity, to_stix};
+
+/// Consecutive windows overlap by this much, so an indicator updated at a window's edge is
+/// never missed; the dedupe cache makes the overlap free.
+pub const WINDOW_OVERLAP_SECS: i64 = 300;
+/// A window spans at most a day, so a cycle that stops early loses at most a day of paging.
+pub const WINDOW_SECS: i64 = 86_400;
+/// Mandiant serves 90 days back; stay a day inside.
+pub const MAX_LOOKBACK_DAYS: i64 = 89;
+/// Refusals kept with their messages in the report (all are counted).
+const REFUSALS_KEPT: usize = 50;
+
+/// Why a cycle ended without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// Reached the present.
+    Completed,
+    /// `SYNC_TIME_BUDGET_SECONDS` ran out; state was saved and the backfill continues next time.
+    TimeBudget,
+    /// Another cycle holds the lock.
+    AlreadyRunning,
+    /// The run failed; see the error.
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Refusal {
+    pub mandiant_id: String,
+    pub stix_id: String,
+    pub message: String,
+}
+
+/// What a cycle did; printed by the CLI and returned to the Functions host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CycleReport {
+    pub stop_reason: Option<StopReason>,
+    pub dry_run: bool,
+    pub windows_completed: u64,
+    pub pages: u64,
+    pub fetched: u64,
+    /// Indicators that could not be decoded (skipped, not fatal).
+    pub malformed: u64,
+    pub kept: u64,
+    pub rejected: BTreeMap<&'static str, u64>,
+    /// The same Mandiant id again in this cycle, unchanged.
+    pub duplicates: u64,
+    /// Already in Sentinel unchanged (dedupe cache).
+    pub unchanged: u64,
+    /// Sent again only to extend `valid_until`.
+    pub extended: u64,
+    /// Objects Sentinel accepted (or, in a dry run, would be sent).
+    pub uploaded: u64,
+    pub upload_requests: u64,
+    /// Objects Sentinel refused with an error message.
+    pub refused: u64,
+    pub refusals: Vec<Refusal>,
+    pub retries: u64,
+    pub throttled: u64,
+    pub pruned: u64,
+    pub cache_entries: u64,
+    /// The checkpoint after the cycle (RFC 3339), when one was written.
+    pub checkpoint: Option<String>,
+    pub duration_ms: u64,
+    pub error: Option<String>,
+}
+
+/// A kept indicator, mapped and judged against the cache.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    pub mandiant_id: String,
+    pub stix: StixIndicator,
+    pub fingerprint: u64,
+    pub valid_until: i64,
+    pub decision: Decision,
+}
+
+/// Pure: decodes, filters, maps and judges one page. `seen` holds the fingerprint of each
+/// Mandiant id already planned in this cycle, so the same indicator twice is sent once, while
+/// a newer version of it is still sent.
+pub fn plan_page(
+    raw: &[Box<RawValue>],
+    policy: &PolicyConfig,
+    stix: &StixConfig,
+    cache: &DedupeCache,
+    seen: &mut HashMap<String, u64>,
+    now: OffsetDateTime,
+    report: &mut CycleReport,
+) -> Vec<Planned> {
+    let mut out = Vec::new();
+    for r in raw {
+        report.fetched += 1;
+        let Some(ind) = decode_indicator(r) else {
+            report.malformed += 1;
+            continue;
+        };
+        let obs = match evaluate(&ind, policy) {
+            Ok(o) => o,
+            Err(reason) => {
+                *report.rejected.entry(reason.as_str()).or_default() += 1;
+                continue;
+            }
+        };
+        report.kept += 1;
+        let s = to_stix(&ind, &obs, stix, now);
+        let fp = fingerprint(&s);
+        if seen.get(&ind.id) == Some(&fp) {
+            report.duplicates += 1;
+            continue;
+        }
+        seen.insert(ind.id.clone(), fp);
+        let valid_until = parse_timestamp(&s.valid_until)
+            .expect("we format valid_until")
+            .unix_timestamp();
+        let decision = cache.decide(&ind.id, fp, valid_until);
+        match decision {
+            Decision::Unchanged => {
+                report.unchanged += 1;
+                continue;
+            }
+            Decision::Extend => report.extended += 1,
+            Decision::New | Decision::Changed => {}
+        }
+        out.push(Planned {
+            mandiant_id: ind.id,
+            stix: s,
+            fingerprint: fp,
+            valid_until,
+            decision,
+        });
+    }
+    out
+}
+
+/// Where indicators come from.
+pub enum Source<'a> {
+    Mandiant(&'a MatiClient),
+    /// Saved pages (`--from-file`): one pass, no time windows, the checkpoint untouched.
+    Pages(Vec<MatiPage>),
+}
+
+/// Where they go.
+pub enum Sink<'a> {
+    Sentinel(&'a SentinelUploader),
+    /// Collect what would be sent; change no state.
+    DryRun,
+}
+
+pub struct Pipeline<'a> {
+    pub policy: &'a PolicyConfig,
+    pub stix: &'a StixConfig,
+    pub sync: &'a SyncConfig,
+    pub store: &'a dyn StateStore,
+    pub source: Source<'a>,
+    pub sink: Sink<'a>,
+}
+
+pub struct CycleResult {
+    pub report: CycleReport,
+    /// The objects a dry run would send.
+    pub dry_run_objects: Vec<StixIndicator>,
+    pub error: Option<anyhow::Error>,
+}
+
+/// The mutable state of one cycle.
+struct Run<'a> {
+    p: &'a Pipeline<'a>,
+    now: OffsetDateTime,
+    started: Instant,
+    deadline: Instant,
+    cache: DedupeCache,
+    cache_read: Option<Versioned>,
+    cache_dirty: bool,
+    seen: HashMap<String, u64>,
+    pending: Vec<Planned>,
+    identity_sent: bool,
+    report: CycleReport,
+    dry_run_objects: Vec<StixIndicator>,
+}
+
+enum Flow {
+    Continue,
+    OutOfTime,
+}
+
+impl Run<'_> {
+    fn elapsed_secs(&self) -> i64 {
+        self.started.elapsed().as_secs() as i64
+    }
+
+    fn out_of_time(&self) -> bool {
+        Instant::now() >= self.deadline
+    }
+
+    /// Adds planned objects; a newer version of one still pending replaces it, so a batch
+    /// never carries the same id twice.
+    fn enqueue(&mut self, planned: Vec<Planned>) {
+        for p in planned {
+            if let Some(existing) = self
+                .pending
+                .iter_mut()
+                .find(|q| q.mandiant_id == p.mandiant_id)
+            {
+                *existing = p;
+            } else {
+                self.pending.push(p);
+            }
+        }
+    }
+
+    /// Sends full batches, or everything pending when `all` (the end of a window).
+    async fn flush(&mut self, all: bool) -> anyhow::Result<Flow> {
+        loop {
+            let room = self.batch_room();
+            if self.pending.is_empty() || (!all && self.pending.len() < room) {
+                return Ok(Flow::Continue);
+            }
+            if self.out_of_time() {
+                return Ok(Flow::OutOfTime);
+            }
+            let n = room.min(self.pending.len());
+            let batch: Vec<Planned> = self.pending.drain(..n).collect();
+            self.send(batch).await?;
+        }
+    }
+
+    /// The STIX objects API gets the Mandiant `identity` once per cycle, in the first batch.
+    fn sends_identity(&self) -> bool {
+        matches!(self.p.sink, Sink::Sentinel(u) if u.api() == UploadApi::StixObjects)
+            && !self.identity_sent
+    }
+
+    fn batch_room(&self) -> usize {
+        if self.sends_identity() {
+            MAX_BATCH - 1
+        } else {
+            MAX_BATCH
+        }
+    }
+
+    async fn send(&mut self, batch: Vec<Planned>) -> anyhow::Result<()> {
+        let uploader = match self.p.sink {
+            Sink::DryRun => {
+                self.report.uploaded += batch.len() as u64;
+                self.dry_run_objects
+                    .extend(batch.into_iter().map(|p| p.stix));
+                return Ok(());
+            }
+            Sink::Sentinel(u) => u,
+        };
+        let with_identity = self.sends_identity();
+        let mut objects = Vec::with_capacity(batch.len() + 1);
+        if with_identity {
+            objects.push(identity().to_string());
+        }
+        for p in &batch {
+            objects.push(serde_json::to_string(&p.stix)?);
+        }
+        let span = tracing::info_span!("upload_batch", objects = objects.len());
+        let _enter = span.enter();
+        self.report.upload_requests += 1;
+        let outcome = uploader.upload(&objects).await?;
+        let offset = usize::from(with_identity);
+        if with_identity {
+            self.identity_sent = true;
+        }
+        for i in outcome.accepted {
+            let Some(p) = i.checked_sub(offset).and_then(|i| batch.get(i)) else {
+                continue;
+            };
+            let stix_uuid = p
+                .stix
+                .id
+                .strip_prefix("indicator--")
+                .and_then(uuid_bytes)
+                .unwrap_or_else(|| derived_uuid(&p.mandiant_id));
+            self.cache.record(
+                &p.mandiant_id,
+                Entry {
+                    stix_uuid,
+                    fingerprint: p.fingerprint,
+                    valid_until: p.valid_until,
+                },
+            );
+            self.cache_dirty = true;
+            self.report.uploaded += 1;
+        }
+        for (i, message) in outcome.refused {
+            let Some(p) = i.checked_sub(offset).and_then(|i| batch.get(i)) else {
+                tracing::warn!(message, "Sentinel refused the Mandiant identity object");
+                continue;
+            };
+            // Forget it was seen, so a later copy in this cycle is tried again.
+            self.seen.remove(&p.mandiant_id);
+            self.report.refused += 1;
+            tracing::warn!(mandiant_id = %p.mandiant_id, stix_id = %p.stix.id, message, "Sentinel refused an indicator");
+            if self.report.refusals.len() < REFUSALS_KEPT {
+                self.report.refusals.push(Refusal {
+                    mandiant_id: p.mandiant_id.clone(),
+                    stix_id: p.stix.id.clone(),
+                    message,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn save_cache(&mut self) -> anyhow::Result<()> {
+        if !self.cache_dirty || matches!(self.p.sink, Sink::DryRun) {
+            return Ok(());
+        }
+        let bytes = self.cache.encode();
+        let version = self
+            .p
+            .store
+            .write(
+                DEDUPE_CACHE,
+                &bytes,
+                Precondition::from_read(self.cache_read.as_ref()),
+            )
+            .await?;
+        self.cache_read = Some(Versioned {
+            bytes: Vec::new(),
+            version,
+        });
+        self.cache_dirty = false;
+        Ok(())
+    }
+
+    /// Plans one page and sends the full batches it makes.
+    async fn handle_page(&mut self, page: &MatiPage) -> anyhow::Result<Flow> {
+        self.report.pages += 1;
+        let planned = plan_page(
+            &page.indicators,
+            self.p.policy,
+            self.p.stix,
+            &self.cache,
+            &mut self.seen,
+            self.now,
+            &mut self.report,
+        );
+        self.enqueue(planned);
+        self.flush(false).await
+    }
+
+    /// Pages through a window from its first page.
+    async fn page_window(&mut self, client: &MatiClient, first: MatiPage) -> anyhow::Result<Flow> {
+        let mut page = first;
+        loop {
+            if let Flow::OutOfTime = self.handle_page(&page).await? {
+                return Ok(Flow::OutOfTime);
+            }
+            let Some(next) = page.next_cursor() else {
+                return Ok(Flow::Continue);
+            };
+            if self.out_of_time() {
+                return Ok(Flow::OutOfTime);
+            }
+            let next = next.to_string();
+            page = client.next_page(&next).await?;
+        }
+    }
+}
+
+/// Runs one cycle. `now` is the wall clock at the start; `deadline` ends it cleanly.
+pub async fn run_cycle(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instant) -> CycleResult {
+    let started = Instant::now();
+    let dry_run = matches!(p.sink, Sink::DryRun);
+    let lock = if dry_run {
+        None
+    } else {
+        match p.store.try_lock().await {
+            Ok(Some(l)) => Some(l),
+            Ok(None) => {
+                let report = CycleReport {
+                    stop_reason: Some(StopReason::AlreadyRunning),
+                    ..Default::default()
+                };
+                return CycleResult {
+                    report,
+                    dry_run_objects: Vec::new(),
+                    error: None,
+                };
+            }
+            Err(e) => {
+                return CycleResult {
+                    report: CycleReport {
+                        stop_reason: Some(StopReason::Failed),
+                        error: Some(format!("{e}")),
+                        ..Default::default()
+                    },
+                    dry_run_objects: Vec::new(),
+                    error: Some(anyhow::Error::new(e).context("taking the state lock")),
+                };
+            }
+        }
+    };
+
+    let mut run = Run {
+        p,
+        now,
+        started,
+        deadline,
+        cache: DedupeCache::new(),
+        cache_read: None,
+        cache_dirty: false,
+        seen: HashMap::new(),
+        pending: Vec::new(),
+        identity_sent: false,
+        report: CycleReport {
+            dry_run,
+            ..Default::default()
+        },
+        dry_run_objects: Vec::new(),
+    };
+    let result = cycle_body(&mut run).await;
+
+    // Whatever happened, keep what Sentinel accepted: the next run then sends only the rest.
+    let mut error = result.as_ref().err().map(|e| anyhow::anyhow!("{e:#}"));
+    if error.is_some()
+        && let Err(e) = run.save_cache().await
+    {
+        tracing::error!(error = %format!("{e:#}"), "could not save the dedupe cache after a failure");
+    }
+    if let Some(l) = lock
+        && let Err(e) = l.release().await
+    {
+        tracing::warn!(error = %e, "could not release the state lock; it lapses on its own");
+    }
+    let mut report = run.report;
+    if let Sink::Sentinel(u) = p.sink {
+        report.retries += u.stats.retries();
+        report.throttled += u.stats.throttled();
+    }
+    if let Source::Mandiant(m) = &p.source {
+        report.retries += m.stats.retries();
+        report.throttled += m.stats.throttled();
+    }
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    match result {
+        Ok(reason) => report.stop_reason = Some(reason),
+        Err(e) => {
+            report.stop_reason = Some(StopReason::Failed);
+            report.error = Some(format!("{e:#}"));
+            error = Some(e);
+        }
+    }
+    CycleResult {
+        report,
+        dry_run_objects: run.dry_run_objects,
+        error,
+    }
+}
+
+async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
+    use anyhow::Context;
+    let p = run.p;
+    let checkpoint_read = p
+        .store
+        .read(CHECKPOINT)
+        .await
+        .context("reading the checkpoint")?;
+    let checkpoint = checkpoint_read
+        .as_ref()
+        .map(|v| Checkpoint::decode(&v.bytes))
+        .transpose()
+        .context("reading the checkpoint")?;
+    run.cache_read = p
+        .store
+        .read(DEDUPE_CACHE)
+        .await
+        .context("reading the dedupe cache")?;
+    if let Some(v) = &run.cache_read {
+        match DedupeCache::decode(&v.bytes) {
+            Ok(c) => run.cache = c,
+            // A cache we cannot read only costs re-uploads: start empty, and overwrite it.
+            Err(e) => tracing::warn!(error = %e, "ignoring an unreadable dedupe cache"),
+        }
+    }
+    tracing::info!(
+        cache_entries = run.cache.len(),
+        checkpoint = ?checkpoint.as_ref().map(|c| c.window_start),
+        "cycle started"
+    );
+
+    let now_unix = run.now.unix_timestamp();
+    let client = match &p.source {
+        Source::Pages(pages) => {
+            for page in pages {
+                if let Flow::OutOfTime = run.handle_page(page).await? {
+                    run.save_cache().await.context("saving the dedupe cache")?;
+                    return Ok(StopReason::TimeBudget);
+                }
+            }
+            if let Flow::OutOfTime = run.flush(true).await? {
+                run.save_cache().await.context("saving the dedupe cache")?;
+                return Ok(StopReason::TimeBudget);
+            }
+            finish(run, None, None).await?;
+            return Ok(StopReason::Completed);
+        }
+        Source::Mandiant(c) => *c,
+    };
+
+    let earliest = now_unix - MAX_LOOKBACK_DAYS * 86_400;
+    let mut start = match &checkpoint {
+        Some(c) => c.window_start - WINDOW_OVERLAP_SECS,
+        None => now_unix - i64::from(p.sync.initial_lookback_days) * 86_400,
+    };
+    if start < earliest {
+        tracing::warn!(
+            "the checkpoint is older than Mandiant's 90-day limit; starting {MAX_LOOKBACK_DAYS} days back"
+        );
+        start = earliest;
+    }
+    let mut checkpoint_version = Precondition::from_read(checkpoint_read.as_ref());
+    let last_finished = checkpoint.as_ref().and_then(|c| c.last_finished);
+
+    while start < now_unix {
+        let end = (start + WINDOW_SECS).min(now_unix);
+        let span = tracing::info_span!("window", start, end);
+        let _enter = span.enter();
+        if run.out_of_time() {
+            return stop_for_budget(run, &mut checkpoint_version, start, last_finished).await;
+        }
+        let first = client
+            .first_page(&WindowQuery {
+                start_epoch: start,
+                end_epoch: end,
+                min_confidence: p.policy.min_confidence,
+                exclude_osint: p.policy.exclude_osint,
+            })
+            .await
+            .with_context(|| {
+                format!(
+                    "fetching Mandiant indicators updated from {} to {}",
+                    rfc3339(start),
+                    rfc3339(end)
+                )
+            })?;
+        if let Flow::OutOfTime = run.page_window(client, first).await? {
+            return stop_for_budget(run, &mut checkpoint_version, start, last_finished).await;
+        }
+        if let Flow::OutOfTime = run.flush(true).await? {
+            return stop_for_budget(run, &mut checkpoint_version, start, last_finished).await;
+        }
+        // The window is in Sentinel: save the cache first, then move the checkpoint.
+        run.save_cache().await.context("saving the dedupe cache")?;
+        if !matches!(p.sink, Sink::DryRun) {
+            let cp = Checkpoint {
+                format: Checkpoint::FORMAT,
+                window_start: end,
+                last_finished,
+                backfill_in_progress: true,
+            };
+            write_checkpoint(run, &mut checkpoint_version, &cp).await?;
+        }
+        run.report.windows_completed += 1;
+        start = end;
+    }
+    finish(run, Some(&mut checkpoint_version), Some(start)).await?;
+    Ok(StopReason::Completed)
+}
+
+fn rfc3339(unix: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .map(crate::stix::format_timestamp)
+        .unwrap_or_else(|_| unix.to_string())
+}
+
+async fn write_checkpoint(
+    run: &mut Run<'_>,
+    version: &mut Precondition,
+    cp: &Checkpoint,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let v = run
+        .p
+        .store
+        .write(CHECKPOINT, &cp.encode(), version.clone())
+        .await
+        .context("saving the checkpoint")?;
+    *version = Precondition::Matches(v);
+    run.report.checkpoint = Some(rfc3339(cp.window_start));
+    Ok(())
+}
+
+/// The budget ran out inside the window starting at `start`: keep what was accepted, leave
+/// the checkpoint at the window's start, and mark the backfill in progress.
+async fn stop_for_budget(
+    run: &mut Run<'_>,
+    version: &mut Precondition,
+    start: i64,
+    last_finished: Option<i64>,
+) -> anyhow::Result<StopReason> {
+    use anyhow::Context;
+    tracing::info!("time budget reached; stopping between batches");
+    run.save_cache().await.context("saving the dedupe cache")?;
+    if !matches!(run.p.sink, Sink::DryRun) {
+        let cp = Checkpoint {
+            format: Checkpoint::FORMAT,
+            // The overlap is subtracted again on resume; add it here so a resumed window
+            // starts where this one did.
+            window_start: start + WINDOW_OVERLAP_SECS,
+            last_finished,
+            backfill_in_progress: true,
+        };
+        write_checkpoint(run, version, &cp).await?;
+    }
+    Ok(StopReason::TimeBudget)
+}
+
+async fn finish(
+    run: &mut Run<'_>,
+    version: Option<&mut Precondition>,
+    window_start: Option<i64>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let pruned = run.cache.prune(run.now.unix_timestamp());
+    run.report.pruned = pruned as u64;
+    if pruned > 0 {
+        run.cache_dirty = true;
+    }
+    run.save_cache().await.context("saving the dedupe cache")?;
+    run.report.cache_entries = run.cache.len() as u64;
+    if let (Some(version), Some(start)) = (version, window_start)
+        && !matches!(run.p.sink, Sink::DryRun)
+    {
+        let cp = Checkpoint {
+            format: Checkpoint::FORMAT,
+            window_start: start,
+            last_finished: Some(run.now.unix_timestamp() + run.elapsed_secs()),
+            backfill_in_progress: false,
+        };
+        write_checkpoint(run, version, &cp).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Action, EnabledTypes, HashType};
+    use time::Duration;
+
+    fn policy() -> PolicyConfig {
+        PolicyConfig {
+            min_confidence: 80,
+            min_threat_score: 80,
+            exclude_osint: true,
+            include_uncategorized: true,
+            hash_type: HashType::Md5,
+            types: EnabledTypes {
+                ipv4: true,
+                fqdn: true,
+                url: true,
+                hash: true,
+            },
+        }
+    }
+
+    fn stix() -> StixConfig {
+        StixConfig {
+            ipv4_days: 7,
+            fqdn_days: 7,
+            url_days: 7,
+            hash_days: 90,
+            action: Action::Alert,
+            passive_only: false,
+        }
+    }
+
+    fn page(json: &str) -> MatiPage {
+        serde_json::from_str(json).unwrap()
+    }
+
+    const NOW: OffsetDateTime = time::macros::datetime!(2026-12-03 12:00:00 UTC);
+
+    #[test]
+    fn plan_page_counts_by_reason_and_skips_duplicates_and_unchanged() {
+        let pg = page(
+            r#"{"indicators":[
+            {"id":"ipv4--a","type":"ipv4","value":"1.1.1.1","mscore":90,"threat_rating":{"threat_score":90}},
+            {"id":"ipv4--a","type":"ipv4","value":"1.1.1.1","mscore":90,"threat_rating":{"threat_score":90}},
+            {"id":"ipv4--b","type":"ipv4","value":"2.2.2.2","mscore":10,"threat_rating":{"threat_score":90}},
+            {"id":"ipv4--c","type":"ipv4","value":"3.3.3.3","mscore":90,"threat_rating":{"threat_score":10}},
+            {"id":"ipv6--d","type":"ipv6","value":"::1","mscore":90},
+            {"id":7},
+            {"id":"fqdn--e","type":"fqdn","value":"e.example","mscore":90,"threat_rating":{"threat_score":90}}
+        ]}"#,
+        );
+        let mut cache = DedupeCache::new();
+        let mut report = CycleReport::default();
+        let mut seen = HashMap::new();
+        let first = plan_page(
+            &pg.indicators,
+            &policy(),
+            &stix(),
+            &cache,
+            &mut seen,
+            NOW,
+            &mut report,
+        );
+        let ids: Vec<&str> = first.iter().map(|p| p.mandiant_id.as_str()).collect();
+        assert_eq!(ids, vec!["ipv4--a", "fqdn--e"]);
+        assert_eq!(report.fetched, 7);
+        assert_eq!(report.malformed, 1);
+        assert_eq!(report.kept, 3);
+        assert_eq!(report.duplicates, 1);
+        assert_eq!(
+            report.rejected,
+            BTreeMap::from([
+                ("low_confidence", 1),
+                ("low_threat_score", 1),
+                ("unsupported_type", 1)
+            ])
+        );
+        // Once Sentinel has them, a later cycle skips both as unchanged.
+        for p in &first {
+            cache.record(
+                &p.mandiant_id,
+                Entry {
+                    stix_uuid: derived_uuid(&p.mandiant_id),
+                    fingerprint: p.fingerprint,
+                    valid_until: p.valid_until,
+                },
+            );
+        }
+        let mut report = CycleReport::default();
+        let again = plan_page(
+            &pg.indicators,
+            &policy(),
+            &stix(),
+            &cache,
+            &mut HashMap::new(),
+            NOW,
+            &mut report,
+        );
+        assert!(again.is_empty());
+        assert_eq!(report.unchanged, 2);
+        // Two days later the same content extends its lifetime.
+        let mut report = CycleReport::default();
+        let later = plan_page(
+            &pg.indicators,
+            &policy(),
+            &stix(),
+            &cache,
+            &mut HashMap::new(),
+            NOW + Duration::days(2),
+            &mut report,
+        );
+        assert_eq!(later.len(), 2);
+        assert!(later.iter().all(|p| p.decision == Decision::Extend));
+        assert_eq!(report.extended, 2);
+    }
+}
