@@ -1,0 +1,613 @@
+//! Test harness: in-process fakes of Mandiant, Entra ID and Sentinel, served over TLS on
+//! loopback with a test CA, and a runner for the real `mati-sentinel` binary.
+//!
+//! The fakes follow the documented payloads (`shared/reference/`): Mandiant's `/token` with
+//! HTTP Basic and `next`-only paging, Entra's v2.0 token endpoint and its AADSTS errors,
+//! Sentinel's two upload APIs with `errors[]`, 429 bodies and the 100-object limit. Faults
+//! are queued per fake and served in order.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+pub const WORKSPACE: &str = "5f2a9c1e-7b3d-4e8f-9a0b-1c2d3e4f5a6b";
+pub const TENANT: &str = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d";
+pub const CLIENT_ID: &str = "0b1c2d3e-4f5a-4b6c-8d7e-9f0a1b2c3d4e";
+pub const MATI_KEY: &str = "mati-key-id-7f3e";
+pub const MATI_SECRET: &str = "mati-secret-Zq9-do-not-print";
+pub const CLIENT_SECRET: &str = "entra-secret-Xy7-do-not-print";
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+
+pub struct Tls {
+    pub ca_file: PathBuf,
+    pub ca_pem: String,
+    server: axum_server::tls_rustls::RustlsConfig,
+    _dir: tempfile::TempDir,
+}
+
+impl Tls {
+    pub async fn new() -> Tls {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "mati-sentinel test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("test-ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let server = axum_server::tls_rustls::RustlsConfig::from_pem(
+            cert.pem().into_bytes(),
+            key.serialize_pem().into_bytes(),
+        )
+        .await
+        .unwrap();
+        Tls {
+            ca_file,
+            ca_pem: ca.pem(),
+            server,
+            _dir: dir,
+        }
+    }
+
+    /// Serves a router over TLS on a free loopback port; returns `https://127.0.0.1:port`.
+    pub async fn serve(&self, router: Router) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let server = axum_server::from_tcp_rustls(listener, self.server.clone());
+        tokio::spawn(async move {
+            server.serve(router.into_make_service()).await.unwrap();
+        });
+        format!("https://{addr}")
+    }
+
+    /// An HTTP client that trusts the test CA (for in-process tests).
+    pub fn client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap())
+            .build()
+            .unwrap()
+    }
+}
+
+/// A scripted failure, served instead of the normal answer.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    Status {
+        status: u16,
+        retry_after: Option<String>,
+        content_type: &'static str,
+        body: String,
+    },
+    /// Wait this long before answering normally (a hung response, for client timeouts).
+    Delay(Duration),
+}
+
+impl Fault {
+    pub fn status(status: u16, body: &str) -> Fault {
+        Fault::Status {
+            status,
+            retry_after: None,
+            content_type: "application/json",
+            body: body.to_string(),
+        }
+    }
+    pub fn html(status: u16) -> Fault {
+        Fault::Status {
+            status,
+            retry_after: None,
+            content_type: "text/html",
+            body: "<html><head><title>502 Bad Gateway</title></head><body>cloudflare</body></html>"
+                .into(),
+        }
+    }
+    pub fn throttle(retry_after: Option<&str>, body: &str) -> Fault {
+        Fault::Status {
+            status: 429,
+            retry_after: retry_after.map(str::to_string),
+            content_type: "application/json",
+            body: body.to_string(),
+        }
+    }
+}
+
+async fn apply(fault: Option<Fault>) -> Option<Response> {
+    match fault? {
+        Fault::Delay(d) => {
+            tokio::time::sleep(d).await;
+            None
+        }
+        Fault::Status {
+            status,
+            retry_after,
+            content_type,
+            body,
+        } => {
+            let mut r = (StatusCode::from_u16(status).unwrap(), body).into_response();
+            r.headers_mut()
+                .insert("content-type", content_type.parse().unwrap());
+            if let Some(ra) = retry_after {
+                r.headers_mut().insert("retry-after", ra.parse().unwrap());
+            }
+            Some(r)
+        }
+    }
+}
+
+fn basic(user: &str, pass: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
+    h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mandiant
+
+#[derive(Default)]
+pub struct Mandiant {
+    /// The feed; each indicator needs `last_updated`.
+    pub indicators: Vec<Value>,
+    pub page_size: usize,
+    pub token_requests: usize,
+    pub tokens_issued: usize,
+    /// Query strings of `/v4/indicator` requests, in order.
+    pub data_requests: Vec<String>,
+    /// `next` requests that carried other parameters (Mandiant wants `next` alone).
+    pub next_with_extras: usize,
+    pub missing_app_name: usize,
+    pub faults: VecDeque<Fault>,
+    pub token_faults: VecDeque<Fault>,
+    /// Refuse the current token once on the request with this index (token expired mid-paging).
+    pub expire_token_at_request: Option<usize>,
+}
+
+pub type Shared<T> = Arc<Mutex<T>>;
+
+fn last_updated(i: &Value) -> i64 {
+    let s = i["last_updated"].as_str().expect("last_updated");
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .unwrap()
+        .unix_timestamp()
+}
+
+pub fn mandiant_router(state: Shared<Mandiant>) -> Router {
+    async fn token(
+        State(s): State<Shared<Mandiant>>,
+        headers: HeaderMap,
+        body: String,
+    ) -> Response {
+        let fault = {
+            let mut m = s.lock().unwrap();
+            m.token_requests += 1;
+            m.token_faults.pop_front()
+        };
+        if let Some(r) = apply(fault).await {
+            return r;
+        }
+        if header(&headers, "authorization") != basic(MATI_KEY, MATI_SECRET) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": "invalid_basic_auth", "errorMessage": "invalid credentials"})),
+            )
+                .into_response();
+        }
+        assert_eq!(body, "grant_type=client_credentials");
+        let mut m = s.lock().unwrap();
+        m.tokens_issued += 1;
+        Json(json!({"access_token": format!("mati-token-{}", m.tokens_issued), "token_type": "Bearer", "expires_in": 22920}))
+            .into_response()
+    }
+
+    async fn indicators(
+        State(s): State<Shared<Mandiant>>,
+        headers: HeaderMap,
+        uri: Uri,
+        Query(q): Query<BTreeMap<String, String>>,
+    ) -> Response {
+        let (fault, idx) = {
+            let mut m = s.lock().unwrap();
+            m.data_requests.push(uri.query().unwrap_or("").to_string());
+            if header(&headers, "x-app-name").is_empty() {
+                m.missing_app_name += 1;
+            }
+            (m.faults.pop_front(), m.data_requests.len() - 1)
+        };
+        if let Some(r) = apply(fault).await {
+            return r;
+        }
+        let mut m = s.lock().unwrap();
+        if m.expire_token_at_request == Some(idx) {
+            m.expire_token_at_request = None;
+            // Everything issued so far is now expired.
+            m.tokens_issued += 1;
+        }
+        let current = format!("Bearer mati-token-{}", m.tokens_issued);
+        if header(&headers, "authorization") != current {
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": "token expired"})),
+            )
+                .into_response();
+        }
+        let (start, end, offset) = match q.get("next") {
+            Some(next) => {
+                if q.len() > 1 {
+                    m.next_with_extras += 1;
+                }
+                let parts: Vec<i64> = next.split('.').map(|p| p.parse().unwrap()).collect();
+                (parts[0], parts[1], parts[2] as usize)
+            }
+            None => (
+                q["start_epoch"].parse::<i64>().unwrap(),
+                q["end_epoch"].parse::<i64>().unwrap(),
+                0,
+            ),
+        };
+        let mut matching: Vec<&Value> = m
+            .indicators
+            .iter()
+            .filter(|i| {
+                let t = last_updated(i);
+                t >= start && t <= end
+            })
+            .collect();
+        matching.sort_by_key(|i| last_updated(i));
+        let size = if m.page_size == 0 { 1000 } else { m.page_size };
+        let page: Vec<Value> = matching
+            .iter()
+            .skip(offset)
+            .take(size)
+            .map(|v| (*v).clone())
+            .collect();
+        if page.is_empty() && offset == 0 {
+            return StatusCode::NO_CONTENT.into_response();
+        }
+        let mut body = json!({ "indicators": page });
+        if offset + size < matching.len() {
+            body["next"] = json!(format!("{start}.{end}.{}", offset + size));
+        }
+        Json(body).into_response()
+    }
+
+    async fn entitlements() -> Json<Value> {
+        Json(json!({"entitlements": ["indicators"]}))
+    }
+
+    Router::new()
+        .route("/token", post(token))
+        .route("/v4/indicator", get(indicators))
+        .route("/v4/entitlements", get(entitlements))
+        .with_state(state)
+}
+
+use axum::Json;
+
+// ---------------------------------------------------------------------------------------------
+// Entra ID
+
+#[derive(Default)]
+pub struct Entra {
+    pub requests: usize,
+    pub scopes: Vec<String>,
+    pub faults: VecDeque<Fault>,
+}
+
+pub fn entra_router(state: Shared<Entra>) -> Router {
+    async fn token(State(s): State<Shared<Entra>>, uri: Uri, body: String) -> Response {
+        let fault = {
+            let mut e = s.lock().unwrap();
+            e.requests += 1;
+            e.faults.pop_front()
+        };
+        if let Some(r) = apply(fault).await {
+            return r;
+        }
+        let form: BTreeMap<String, String> = url::form_urlencoded::parse(body.as_bytes())
+            .into_owned()
+            .collect();
+        assert_eq!(uri.path(), format!("/{TENANT}/oauth2/v2.0/token"));
+        if form.get("client_secret").map(String::as_str) != Some(CLIENT_SECRET)
+            || form.get("client_id").map(String::as_str) != Some(CLIENT_ID)
+        {
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({
+                    "error": "invalid_client",
+                    "error_description": "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.",
+                    "error_codes": [7000215]
+                })),
+            )
+                .into_response();
+        }
+        let mut e = s.lock().unwrap();
+        e.scopes
+            .push(form.get("scope").cloned().unwrap_or_default());
+        let n = e.requests;
+        Json(json!({"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": format!("entra-token-{n}")}))
+            .into_response()
+    }
+    Router::new()
+        .route(&format!("/{TENANT}/oauth2/v2.0/token"), post(token))
+        .with_state(state)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sentinel
+
+#[derive(Default)]
+pub struct Sentinel {
+    /// Every object of every accepted request, in order.
+    pub received: Vec<Value>,
+    /// The latest version of each object, by STIX id (what the workspace holds).
+    pub by_id: BTreeMap<String, Value>,
+    pub requests: usize,
+    pub request_times: Vec<Instant>,
+    pub max_batch: usize,
+    pub source_systems: Vec<String>,
+    pub paths: Vec<String>,
+    pub faults: VecDeque<Fault>,
+    /// Objects whose `name` is listed here are refused with an `errors[]` entry.
+    pub refuse_names: Vec<String>,
+    /// Tokens refused with 401 (for example a token that "expired").
+    pub refuse_tokens: Vec<String>,
+    pub tokens_seen: Vec<String>,
+}
+
+pub fn sentinel_router(state: Shared<Sentinel>) -> Router {
+    async fn upload(
+        State(s): State<Shared<Sentinel>>,
+        headers: HeaderMap,
+        uri: Uri,
+        body: Bytes,
+    ) -> Response {
+        let fault = {
+            let mut st = s.lock().unwrap();
+            st.requests += 1;
+            st.request_times.push(Instant::now());
+            st.paths.push(
+                uri.path_and_query()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+            );
+            st.faults.pop_front()
+        };
+        if let Some(r) = apply(fault).await {
+            return r;
+        }
+        let path = uri.path();
+        let query = uri.query().unwrap_or("");
+        let (ws, array) = if let Some(rest) = path.strip_prefix("/workspaces/") {
+            let (ws, op) = rest.split_once('/').unwrap_or((rest, ""));
+            if op != "threat-intelligence-stix-objects:upload"
+                || query != "api-version=2024-02-01-preview"
+            {
+                return (StatusCode::NOT_FOUND, "no such operation").into_response();
+            }
+            (ws.to_string(), "stixobjects")
+        } else {
+            let rest = path.trim_start_matches('/');
+            let (ws, op) = rest.split_once('/').unwrap_or((rest, ""));
+            if op != "threatintelligence:upload-indicators" || query != "api-version=2022-07-01" {
+                return (StatusCode::NOT_FOUND, "no such operation").into_response();
+            }
+            (ws.to_string(), "value")
+        };
+        let mut st = s.lock().unwrap();
+        let auth = header(&headers, "authorization").to_string();
+        st.tokens_seen.push(auth.clone());
+        let token = auth.strip_prefix("Bearer ").unwrap_or("");
+        if !token.starts_with("entra-token-") || st.refuse_tokens.iter().any(|t| t == token) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": {"code": "InvalidAuthenticationToken"}})),
+            )
+                .into_response();
+        }
+        if ws != WORKSPACE {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(json!({"error": {"code": "WorkspaceNotFound", "message": format!("Workspace {ws} not found")}})),
+            )
+                .into_response();
+        }
+        let Ok(doc) = serde_json::from_slice::<Value>(&body) else {
+            return (StatusCode::BAD_REQUEST, "body is not JSON").into_response();
+        };
+        let objects = doc[array].as_array().cloned().unwrap_or_default();
+        if objects.len() > 100 {
+            return (StatusCode::BAD_REQUEST, "more than 100 objects").into_response();
+        }
+        st.max_batch = st.max_batch.max(objects.len());
+        st.source_systems
+            .push(doc["sourcesystem"].as_str().unwrap_or("").to_string());
+        let mut errors = Vec::new();
+        for (i, o) in objects.iter().enumerate() {
+            let name = o["name"].as_str().unwrap_or("");
+            if st.refuse_names.iter().any(|n| n == name) {
+                errors.push(json!({"recordIndex": i, "errorMessages": [format!("Error for Property=pattern: value {name} is not allowed")]}));
+                continue;
+            }
+            if array == "value" && o["type"] != "indicator" {
+                errors.push(json!({"recordIndex": i, "errorMessages": ["Error for Property=type: must be indicator"]}));
+                continue;
+            }
+            st.received.push(o.clone());
+            st.by_id
+                .insert(o["id"].as_str().unwrap().to_string(), o.clone());
+        }
+        if errors.is_empty() {
+            StatusCode::OK.into_response()
+        } else {
+            Json(json!({ "errors": errors })).into_response()
+        }
+    }
+    Router::new().fallback(post(upload)).with_state(state)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The three fakes together, and the binary
+
+pub struct World {
+    pub tls: Tls,
+    pub mandiant: Shared<Mandiant>,
+    pub entra: Shared<Entra>,
+    pub sentinel: Shared<Sentinel>,
+    pub mandiant_url: String,
+    pub entra_url: String,
+    pub sentinel_url: String,
+    pub state_dir: tempfile::TempDir,
+}
+
+impl World {
+    pub async fn new(indicators: Vec<Value>) -> World {
+        let tls = Tls::new().await;
+        let mandiant = Arc::new(Mutex::new(Mandiant {
+            indicators,
+            page_size: 4,
+            ..Default::default()
+        }));
+        let entra = Arc::new(Mutex::new(Entra::default()));
+        let sentinel = Arc::new(Mutex::new(Sentinel::default()));
+        let mandiant_url = tls.serve(mandiant_router(mandiant.clone())).await;
+        let entra_url = tls.serve(entra_router(entra.clone())).await;
+        let sentinel_url = tls.serve(sentinel_router(sentinel.clone())).await;
+        World {
+            tls,
+            mandiant,
+            entra,
+            sentinel,
+            mandiant_url,
+            entra_url,
+            sentinel_url,
+            state_dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Settings that point the binary at the fakes.
+    pub fn env(&self) -> BTreeMap<String, String> {
+        [
+            ("MATI_API_KEY", MATI_KEY),
+            ("MATI_API_SECRET", MATI_SECRET),
+            ("AZURE_WORKSPACE_ID", WORKSPACE),
+            ("AZURE_TENANT_ID", TENANT),
+            ("AZURE_CLIENT_ID", CLIENT_ID),
+            ("AZURE_CLIENT_SECRET", CLIENT_SECRET),
+            ("MATI_BASE_URL", &self.mandiant_url),
+            ("AZURE_AUTHORITY_HOST", &self.entra_url),
+            ("SENTINEL_ENDPOINT", &self.sentinel_url),
+            ("STATE_DIR", self.state_dir.path().to_str().unwrap()),
+            ("SSL_CERT_FILE", self.tls.ca_file.to_str().unwrap()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    pub fn received_ids(&self) -> Vec<String> {
+        self.sentinel
+            .lock()
+            .unwrap()
+            .received
+            .iter()
+            .filter(|o| o["type"] == "indicator")
+            .map(|o| {
+                o["external_references"][0]["external_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// Writes what Sentinel received to `$STIX_OUT_DIR/<name>.json` for CI's stix2-validator.
+    pub fn export_stix(&self, name: &str) {
+        let Some(dir) = std::env::var_os("STIX_OUT_DIR") else {
+            return;
+        };
+        std::fs::create_dir_all(&dir).unwrap();
+        let objects: Vec<Value> = self
+            .sentinel
+            .lock()
+            .unwrap()
+            .by_id
+            .values()
+            .cloned()
+            .collect();
+        let bundle = json!({"type": "bundle", "id": "bundle--0b8f6a43-5c1e-4d2a-9f3b-7e6d5c4b3a21", "objects": objects});
+        std::fs::write(
+            Path::new(&dir).join(format!("{name}.json")),
+            serde_json::to_string_pretty(&bundle).unwrap(),
+        )
+        .unwrap();
+    }
+}
+
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs the real binary with exactly these settings (the rest of the environment cleared,
+/// so nothing from the machine leaks in).
+pub async fn run(args: &[&str], env: &BTreeMap<String, String>) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mati-sentinel"));
+    cmd.args(args).env_clear();
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    cmd.envs(env);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Asserts no secret of the test world appears in a run's output.
+pub fn assert_no_secrets(out: &Output) {
+    for secret in [MATI_SECRET, CLIENT_SECRET, "mati-token-", "entra-token-"] {
+        assert!(
+            !out.all().contains(secret),
+            "{secret} appeared in the output:\n{}",
+            out.all()
+        );
+    }
+}
