@@ -782,3 +782,70 @@ async fn check_tests_each_connection_and_names_the_fix() {
         "check uploads nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_time_budget_stops_cleanly_and_the_next_run_finishes_the_backfill() {
+    let feed = feed();
+    let w = world(&feed).await;
+    // 31 windows at 0.5 s a page do not fit in a 10-second budget.
+    w.mandiant.lock().unwrap().page_delay = std::time::Duration::from_millis(500);
+    let mut env = w.env();
+    env.insert("SYNC_TIME_BUDGET_SECONDS".into(), "10".into());
+    let out = run(&["sync", "--json"], &env).await;
+    assert_eq!(out.code, 0, "a budget stop is not a failure: {}", out.all());
+    let report: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["stop_reason"], "time_budget", "{report}");
+    let checkpoint: Value =
+        serde_json::from_slice(&std::fs::read(w.state_dir.path().join("checkpoint.json")).unwrap())
+            .unwrap();
+    assert_eq!(checkpoint["backfill_in_progress"], true);
+    assert!(checkpoint["last_finished"].is_null());
+    let partial = w.received_ids().len();
+    assert!(
+        partial < expected(&feed, false).len(),
+        "stopped before the end"
+    );
+
+    w.mandiant.lock().unwrap().page_delay = std::time::Duration::ZERO;
+    let out = run(&["sync", "--json"], &env).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    let report: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["stop_reason"], "completed");
+    let ids = w.received_ids();
+    let unique: BTreeSet<String> = ids.iter().cloned().collect();
+    assert_eq!(
+        unique,
+        expected(&feed, false),
+        "nothing lost across the stop"
+    );
+    assert_eq!(ids.len(), unique.len(), "nothing sent twice");
+    let checkpoint: Value =
+        serde_json::from_slice(&std::fs::read(w.state_dir.path().join("checkpoint.json")).unwrap())
+            .unwrap();
+    assert_eq!(checkpoint["backfill_in_progress"], false);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_cycle_never_runs_while_one_holds_the_lock() {
+    let w = world(&feed()).await;
+    std::fs::create_dir_all(w.state_dir.path()).unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(w.state_dir.path().join("lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    let out = run(&["sync", "--json"], &w.env()).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    let report: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["stop_reason"], "already_running");
+    assert_eq!(
+        w.mandiant.lock().unwrap().token_requests,
+        0,
+        "no Mandiant call"
+    );
+    drop(lock);
+    assert_eq!(run(&["sync"], &w.env()).await.code, 0);
+    assert!(!w.received_ids().is_empty());
+}

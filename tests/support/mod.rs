@@ -187,6 +187,8 @@ pub struct Mandiant {
     pub token_faults: VecDeque<Fault>,
     /// Refuse the current token once on the request with this index (token expired mid-paging).
     pub expire_token_at_request: Option<usize>,
+    /// Every `/v4/indicator` answer waits this long (a slow feed, for the time budget).
+    pub page_delay: Duration,
 }
 
 pub type Shared<T> = Arc<Mutex<T>>;
@@ -232,6 +234,8 @@ pub fn mandiant_router(state: Shared<Mandiant>) -> Router {
         uri: Uri,
         Query(q): Query<BTreeMap<String, String>>,
     ) -> Response {
+        let delay = s.lock().unwrap().page_delay;
+        tokio::time::sleep(delay).await;
         let (fault, idx) = {
             let mut m = s.lock().unwrap();
             m.data_requests.push(uri.query().unwrap_or("").to_string());
