@@ -237,13 +237,13 @@ async fn sync(
     } else {
         print_summary(&result.report, output.as_deref());
     }
-    match (&result.error, result.report.stop_reason) {
-        (Some(e), _) => {
+    match &result.error {
+        Some(e) => {
             tracing::error!(error = %format!("{e:#}"), "cycle failed");
             eprintln!("mati-sentinel: cycle failed: {e:#}");
             EXIT_FAILED
         }
-        (None, _) => 0,
+        None => 0,
     }
 }
 

@@ -135,13 +135,15 @@ pub fn pattern(o: &Observable) -> String {
     format!("[{path} = {}]", quote(&o.value))
 }
 
-fn lifetime_days(kind: ObservableKind, c: &StixConfig) -> u32 {
-    match kind {
+/// When an indicator uploaded at `now` stops being valid: the type's expiration later.
+pub fn valid_until(kind: ObservableKind, c: &StixConfig, now: OffsetDateTime) -> OffsetDateTime {
+    let days = match kind {
         ObservableKind::Ipv4 => c.ipv4_days,
         ObservableKind::Domain => c.fqdn_days,
         ObservableKind::Url => c.url_days,
         ObservableKind::File(_) => c.hash_days,
-    }
+    };
+    now + Duration::days(days.into())
 }
 
 /// The STIX object for a kept indicator, as uploaded at `now`.
@@ -160,7 +162,7 @@ pub fn to_stix(
         .filter(|t| *t <= now)
         .map(format_timestamp)
         .unwrap_or_else(|| now_s.clone());
-    let valid_until = format_timestamp(now + Duration::days(lifetime_days(obs.kind, c).into()));
+    let valid_until = format_timestamp(valid_until(obs.kind, c, now));
 
     let mut labels: Vec<String> = categories(ind).into_iter().collect();
     let mut attributed: Vec<&str> = Vec::new();

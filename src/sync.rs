@@ -11,10 +11,11 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::config::{PolicyConfig, StixConfig, SyncConfig, UploadApi};
 use crate::dedupe::{Decision, DedupeCache, Entry, derived_uuid, uuid_bytes};
-use crate::mati::{MatiClient, MatiPage, WindowQuery, decode_indicator, parse_timestamp};
+use crate::mati::{MatiClient, MatiPage, WindowQuery, decode_indicator};
 use crate::policy::evaluate;
 use crate::sentinel::{MAX_BATCH, SentinelUploader};
 use crate::state::{CHECKPOINT, Checkpoint, DEDUPE_CACHE, Precondition, StateStore, Versioned};
@@ -129,9 +130,7 @@ pub fn plan_page(
             continue;
         }
         seen.insert(ind.id.clone(), fp);
-        let valid_until = parse_timestamp(&s.valid_until)
-            .expect("we format valid_until")
-            .unix_timestamp();
+        let valid_until = crate::stix::valid_until(obs.kind, stix, now).unix_timestamp();
         let decision = cache.decide(&ind.id, fp, valid_until);
         match decision {
             Decision::Unchanged => {
@@ -276,10 +275,11 @@ impl Run<'_> {
         for p in &batch {
             objects.push(serde_json::to_string(&p.stix)?);
         }
-        let span = tracing::info_span!("upload_batch", objects = objects.len());
-        let _enter = span.enter();
         self.report.upload_requests += 1;
-        let outcome = uploader.upload(&objects).await?;
+        let outcome = uploader
+            .upload(&objects)
+            .instrument(tracing::info_span!("upload_batch", objects = objects.len()))
+            .await?;
         let offset = usize::from(with_identity);
         if with_identity {
             self.identity_sent = true;
@@ -538,11 +538,10 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
 
     while start < now_unix {
         let end = (start + WINDOW_SECS).min(now_unix);
-        let span = tracing::info_span!("window", start, end);
-        let _enter = span.enter();
         if run.out_of_time() {
             return stop_for_budget(run, &mut checkpoint_version, start, last_finished).await;
         }
+        let span = tracing::info_span!("window", start = %rfc3339(start), end = %rfc3339(end));
         let first = client
             .first_page(&WindowQuery {
                 start_epoch: start,
@@ -550,6 +549,7 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
                 min_confidence: p.policy.min_confidence,
                 exclude_osint: p.policy.exclude_osint,
             })
+            .instrument(span.clone())
             .await
             .with_context(|| {
                 format!(
@@ -558,7 +558,7 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
                     rfc3339(end)
                 )
             })?;
-        if let Flow::OutOfTime = run.page_window(client, first).await? {
+        if let Flow::OutOfTime = run.page_window(client, first).instrument(span).await? {
             return stop_for_budget(run, &mut checkpoint_version, start, last_finished).await;
         }
         if let Flow::OutOfTime = run.flush(true).await? {

@@ -604,9 +604,7 @@ async fn forbidden_and_unknown_workspace_fail_with_what_to_fix() {
         "{}",
         out.stderr
     );
-    let checkpoint: Value =
-        serde_json::from_slice(&std::fs::read(w.state_dir.path().join("checkpoint.json")).unwrap())
-            .unwrap();
+    let checkpoint: Value = w.checkpoint();
     let oldest_kept = feed()[0].indicator["last_updated"].clone();
     assert!(
         checkpoint["window_start"].as_i64().unwrap() <= parse(&oldest_kept).unix_timestamp(),
@@ -712,17 +710,8 @@ async fn the_readme_dry_run_needs_no_settings() {
     assert_eq!(out.code, 0, "{}", out.all());
     let bundle: Value = serde_json::from_str(&std::fs::read_to_string(&output).unwrap()).unwrap();
     assert_eq!(bundle["type"], "bundle");
-    let ids: BTreeSet<String> = bundle["objects"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|o| o["type"] == "indicator")
-        .map(|o| {
-            o["external_references"][0]["external_id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+    let ids: BTreeSet<String> = mandiant_ids(bundle["objects"].as_array().unwrap())
+        .into_iter()
         .collect();
     // Hand-labelled: of the example's 16 records, these 8 pass the default policy.
     let want: BTreeSet<String> = [1, 2, 3, 4, 8, 9, 12, 14]
@@ -795,9 +784,7 @@ async fn the_time_budget_stops_cleanly_and_the_next_run_finishes_the_backfill() 
     assert_eq!(out.code, 0, "a budget stop is not a failure: {}", out.all());
     let report: Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(report["stop_reason"], "time_budget", "{report}");
-    let checkpoint: Value =
-        serde_json::from_slice(&std::fs::read(w.state_dir.path().join("checkpoint.json")).unwrap())
-            .unwrap();
+    let checkpoint: Value = w.checkpoint();
     assert_eq!(checkpoint["backfill_in_progress"], true);
     assert!(checkpoint["last_finished"].is_null());
     let partial = w.received_ids().len();
@@ -819,9 +806,7 @@ async fn the_time_budget_stops_cleanly_and_the_next_run_finishes_the_backfill() 
         "nothing lost across the stop"
     );
     assert_eq!(ids.len(), unique.len(), "nothing sent twice");
-    let checkpoint: Value =
-        serde_json::from_slice(&std::fs::read(w.state_dir.path().join("checkpoint.json")).unwrap())
-            .unwrap();
+    let checkpoint: Value = w.checkpoint();
     assert_eq!(checkpoint["backfill_in_progress"], false);
 }
 

@@ -331,3 +331,29 @@ async fn connection_refused_is_an_error_after_bounded_retries() {
     );
     assert!(err.to_string().contains("could not connect"), "{err}");
 }
+
+#[tokio::test]
+async fn the_token_is_refreshed_before_it_expires() {
+    let server = MockServer::start().await;
+    // Two seconds to live: refreshed after one (half the life when it is that short).
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"access_token": "short", "token_type": "Bearer", "expires_in": 2}),
+        ))
+        .expect(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v4/indicator"))
+        .and(header("authorization", "Bearer short"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(page(1, None)))
+        .expect(3)
+        .mount(&server)
+        .await;
+    let c = client(&server, KEY, SECRET);
+    c.first_page(&QUERY).await.unwrap();
+    c.first_page(&QUERY).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    c.first_page(&QUERY).await.unwrap();
+}

@@ -535,20 +535,15 @@ impl World {
         .collect()
     }
 
+    /// The Mandiant ids of the indicators Sentinel received, in order, repeats included.
     pub fn received_ids(&self) -> Vec<String> {
-        self.sentinel
-            .lock()
-            .unwrap()
-            .received
-            .iter()
-            .filter(|o| o["type"] == "indicator")
-            .map(|o| {
-                o["external_references"][0]["external_id"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect()
+        mandiant_ids(&self.sentinel.lock().unwrap().received)
+    }
+
+    /// The checkpoint the last run wrote.
+    pub fn checkpoint(&self) -> Value {
+        let bytes = std::fs::read(self.state_dir.path().join("checkpoint.json")).unwrap();
+        serde_json::from_slice(&bytes).unwrap()
     }
 
     /// Writes what Sentinel received to `$STIX_OUT_DIR/<name>.json` for CI's stix2-validator.
@@ -572,6 +567,20 @@ impl World {
         )
         .unwrap();
     }
+}
+
+/// The Mandiant ids (from the external reference) of the STIX indicators among `objects`.
+pub fn mandiant_ids(objects: &[Value]) -> Vec<String> {
+    objects
+        .iter()
+        .filter(|o| o["type"] == "indicator")
+        .map(|o| {
+            o["external_references"][0]["external_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
 }
 
 pub struct Output {
