@@ -834,3 +834,37 @@ async fn a_second_cycle_never_runs_while_one_holds_the_lock() {
     assert_eq!(run(&["sync"], &w.env()).await.code, 0);
     assert!(!w.received_ids().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_client_secret_the_managed_identity_gets_the_token() {
+    let feed = feed();
+    let w = world(&feed).await;
+    let mi = std::sync::Arc::new(std::sync::Mutex::new(ManagedIdentity::default()));
+    let endpoint = serve_managed_identity(mi.clone()).await;
+    let mut env = w.env();
+    env.remove("AZURE_CLIENT_SECRET");
+    env.insert("MANAGED_IDENTITY_CLIENT_ID".into(), CLIENT_ID.into());
+    env.insert("IDENTITY_ENDPOINT".into(), endpoint);
+    env.insert("IDENTITY_HEADER".into(), IDENTITY_HEADER.into());
+    let out = run(&["sync"], &env).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(!out.all().contains(IDENTITY_HEADER));
+    assert!(!out.all().contains("entra-token-mi"));
+    let got: BTreeSet<String> = w.received_ids().into_iter().collect();
+    assert_eq!(got, expected(&feed, false));
+    let mi = mi.lock().unwrap();
+    assert_eq!(mi.bad_header, 0);
+    assert_eq!(mi.queries[0]["resource"], "https://management.azure.com");
+    assert_eq!(mi.queries[0]["client_id"], CLIENT_ID);
+    assert_eq!(
+        w.entra.lock().unwrap().requests,
+        0,
+        "no app registration was used"
+    );
+    let s = w.sentinel.lock().unwrap();
+    assert!(
+        s.tokens_seen
+            .iter()
+            .all(|t| t.starts_with("Bearer entra-token-mi-"))
+    );
+}

@@ -624,3 +624,47 @@ pub fn assert_no_secrets(out: &Output) {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The App Service / Functions managed-identity endpoint (plain http on loopback, as the
+// Functions host serves it through IDENTITY_ENDPOINT and IDENTITY_HEADER)
+
+pub const IDENTITY_HEADER: &str = "identity-header-H7-do-not-print";
+
+#[derive(Default)]
+pub struct ManagedIdentity {
+    /// The query of each token request.
+    pub queries: Vec<BTreeMap<String, String>>,
+    pub bad_header: usize,
+}
+
+pub async fn serve_managed_identity(state: Shared<ManagedIdentity>) -> String {
+    async fn token(
+        State(s): State<Shared<ManagedIdentity>>,
+        headers: HeaderMap,
+        Query(q): Query<BTreeMap<String, String>>,
+    ) -> Response {
+        let mut mi = s.lock().unwrap();
+        if header(&headers, "x-identity-header") != IDENTITY_HEADER {
+            mi.bad_header += 1;
+            return (StatusCode::UNAUTHORIZED, "bad identity header").into_response();
+        }
+        mi.queries.push(q.clone());
+        let expires_on = (time::OffsetDateTime::now_utc().unix_timestamp() + 3600).to_string();
+        Json(json!({
+            "access_token": format!("entra-token-mi-{}", mi.queries.len()),
+            "expires_on": expires_on,
+            "resource": q.get("resource").cloned().unwrap_or_default(),
+            "token_type": "Bearer",
+            "client_id": q.get("client_id").cloned().unwrap_or_default(),
+        }))
+        .into_response()
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new()
+        .route("/msi/token", get(token))
+        .with_state(state);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/msi/token")
+}
