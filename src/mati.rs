@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
 use crate::config::{MatiConfig, Secret};
-use crate::retry::{Outcome, RetryPolicy, classify};
+use crate::retry::{Deadline, OutOfTime, Outcome, RetryPolicy, classify};
 
 /// Sent on every request; Mandiant asks integrations to identify themselves.
 pub const APP_NAME: &str = concat!("mati-sentinel-v", env!("CARGO_PKG_VERSION"));
@@ -176,6 +176,8 @@ pub enum MatiError {
         status: u16,
         excerpt: String,
     },
+    #[error(transparent)]
+    OutOfTime(#[from] OutOfTime),
     #[error("Mandiant {what} failed after {attempts} attempts: {last}")]
     GaveUp {
         what: &'static str,
@@ -220,6 +222,8 @@ pub struct MatiClient {
     retry: RetryPolicy,
     token: Mutex<Option<CachedToken>>,
     pub stats: Arc<ClientStats>,
+    /// Retries never wait past the running cycle's deadline.
+    pub deadline: Deadline,
 }
 
 enum Answer {
@@ -235,6 +239,7 @@ impl MatiClient {
             retry,
             token: Mutex::new(None),
             stats: Arc::new(ClientStats::default()),
+            deadline: Deadline::default(),
         }
     }
 
@@ -332,7 +337,7 @@ impl MatiClient {
                         Ok(b) => b,
                         Err(e) => {
                             last = transport_error(&e);
-                            tokio::time::sleep(self.retry.backoff(attempt)).await;
+                            self.deadline.sleep(self.retry.backoff(attempt)).await?;
                             continue;
                         }
                     };
@@ -374,7 +379,7 @@ impl MatiClient {
             };
             if attempt < self.retry.max_attempts {
                 tracing::warn!(what, attempt, wait_ms = wait.as_millis() as u64, error = %last, "Mandiant request failed; retrying");
-                tokio::time::sleep(wait).await;
+                self.deadline.sleep(wait).await?;
             }
         }
         Err(MatiError::GaveUp {
@@ -427,7 +432,7 @@ impl MatiClient {
                     if attempt < self.retry.max_attempts {
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(what, attempt, error = %last, "Mandiant page unreadable; retrying");
-                        tokio::time::sleep(self.retry.backoff(attempt)).await;
+                        self.deadline.sleep(self.retry.backoff(attempt)).await?;
                     }
                 }
             }

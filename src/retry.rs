@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use time::OffsetDateTime;
+use tokio::time::Instant;
 
 /// What to do with one HTTP answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,6 +114,32 @@ impl RetryPolicy {
     }
 }
 
+/// A retry wait would end after the cycle's deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the cycle's time budget ends before the next retry could be sent")]
+pub struct OutOfTime;
+
+/// The deadline of the cycle a client works for; `None` outside a cycle (`check`).
+#[derive(Debug, Default)]
+pub struct Deadline(std::sync::Mutex<Option<Instant>>);
+
+impl Deadline {
+    pub fn set(&self, deadline: Option<Instant>) {
+        *self.0.lock().expect("deadline lock") = deadline;
+    }
+
+    /// Sleeps `wait`, unless that would pass the deadline: then the caller stops cleanly
+    /// instead of overrunning the Functions timeout with retries.
+    pub async fn sleep(&self, wait: Duration) -> Result<(), OutOfTime> {
+        let deadline = *self.0.lock().expect("deadline lock");
+        if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+            return Err(OutOfTime);
+        }
+        tokio::time::sleep(wait).await;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +198,15 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon", NOW), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_past_the_deadline_is_refused() {
+        let d = Deadline::default();
+        assert_eq!(d.sleep(Duration::from_secs(3600)).await, Ok(()));
+        d.set(Some(Instant::now() + Duration::from_secs(10)));
+        assert_eq!(d.sleep(Duration::from_secs(5)).await, Ok(()));
+        assert_eq!(d.sleep(Duration::from_secs(5)).await, Err(OutOfTime));
     }
 
     #[test]

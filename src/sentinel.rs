@@ -21,7 +21,7 @@ use tokio::sync::Mutex;
 use crate::config::{SentinelAuth, SentinelConfig, UploadApi};
 use crate::mati::{ClientStats, excerpt};
 use crate::rate_limit::SlidingWindow;
-use crate::retry::{Outcome, RetryPolicy, classify};
+use crate::retry::{Deadline, OutOfTime, Outcome, RetryPolicy, classify};
 
 /// Sentinel takes at most 100 objects a request.
 pub const MAX_BATCH: usize = 100;
@@ -50,6 +50,8 @@ pub enum SentinelError {
         "Sentinel rejected the request (HTTP {status}): {excerpt}. Check AZURE_WORKSPACE_ID and SENTINEL_UPLOAD_API"
     )]
     Rejected { status: u16, excerpt: String },
+    #[error(transparent)]
+    OutOfTime(#[from] OutOfTime),
     #[error("Sentinel upload failed after {attempts} attempts: {last}")]
     GaveUp { attempts: u32, last: String },
 }
@@ -161,6 +163,8 @@ pub struct SentinelUploader {
     limiter: Arc<SlidingWindow>,
     retry: RetryPolicy,
     pub stats: Arc<ClientStats>,
+    /// Retries never wait past the running cycle's deadline.
+    pub deadline: Deadline,
 }
 
 impl SentinelUploader {
@@ -199,6 +203,7 @@ impl SentinelUploader {
             limiter,
             retry,
             stats: Arc::new(ClientStats::default()),
+            deadline: Deadline::default(),
         })
     }
 
@@ -284,7 +289,7 @@ impl SentinelUploader {
                         format!("request failed: {}", root_cause(&e))
                     };
                     self.pause(attempt, self.retry.backoff(attempt), &last)
-                        .await;
+                        .await?;
                     continue;
                 }
             };
@@ -299,7 +304,7 @@ impl SentinelUploader {
                 Err(e) => {
                     last = format!("the answer was cut off: {}", root_cause(&e));
                     self.pause(attempt, self.retry.backoff(attempt), &last)
-                        .await;
+                        .await?;
                     continue;
                 }
             };
@@ -319,12 +324,12 @@ impl SentinelUploader {
                     self.stats.throttled.fetch_add(1, Ordering::Relaxed);
                     last = format!("HTTP 429: {}", excerpt(&bytes));
                     self.pause(attempt, self.retry.throttle_wait(asked, attempt), &last)
-                        .await;
+                        .await?;
                 }
                 Outcome::Transient => {
                     last = format!("HTTP {status}: {}", excerpt(&bytes));
                     self.pause(attempt, self.retry.backoff(attempt), &last)
-                        .await;
+                        .await?;
                 }
                 Outcome::Unauthorized if !refreshed => {
                     tracing::info!("Sentinel refused the token; getting a new one");
@@ -370,11 +375,17 @@ impl SentinelUploader {
         })
     }
 
-    async fn pause(&self, attempt: u32, wait: std::time::Duration, why: &str) {
+    async fn pause(
+        &self,
+        attempt: u32,
+        wait: std::time::Duration,
+        why: &str,
+    ) -> Result<(), OutOfTime> {
         if attempt < self.retry.max_attempts {
             tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %why, "Sentinel upload failed; resending the same batch");
-            tokio::time::sleep(wait).await;
+            self.deadline.sleep(wait).await?;
         }
+        Ok(())
     }
 }
 

@@ -15,9 +15,10 @@ use tracing::Instrument;
 
 use crate::config::{PolicyConfig, StixConfig, SyncConfig, UploadApi};
 use crate::dedupe::{Decision, DedupeCache, Entry, derived_uuid, uuid_bytes};
-use crate::mati::{MatiClient, MatiPage, WindowQuery, decode_indicator};
+use crate::mati::{MatiClient, MatiError, MatiPage, WindowQuery, decode_indicator};
 use crate::policy::evaluate;
-use crate::sentinel::{MAX_BATCH, SentinelUploader};
+use crate::retry::OutOfTime;
+use crate::sentinel::{MAX_BATCH, SentinelError, SentinelUploader};
 use crate::state::{CHECKPOINT, Checkpoint, DEDUPE_CACHE, Precondition, StateStore, Versioned};
 use crate::stix::{StixIndicator, fingerprint, identity, to_stix};
 
@@ -433,14 +434,18 @@ pub async fn run_cycle(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instant)
         },
         dry_run_objects: Vec::new(),
     };
-    let result = cycle_body(&mut run).await;
+    set_deadlines(p, Some(deadline));
+    let result = match cycle_body(&mut run).await {
+        // A run from a file has no window to stop in: a retry past the deadline ends it here.
+        Err(e) if is_out_of_time(&e) => Ok(StopReason::TimeBudget),
+        other => other,
+    };
+    set_deadlines(p, None);
 
     // Whatever happened, keep what Sentinel accepted: the next run then sends only the rest.
-    let mut error = result.as_ref().err().map(|e| anyhow::anyhow!("{e:#}"));
-    if error.is_some()
-        && let Err(e) = run.save_cache().await
-    {
-        tracing::error!(error = %format!("{e:#}"), "could not save the dedupe cache after a failure");
+    // (A no-op when the cycle already saved everything.)
+    if let Err(e) = run.save_cache().await {
+        tracing::error!(error = %format!("{e:#}"), "could not save the dedupe cache");
     }
     if let Some(l) = lock
         && let Err(e) = l.release().await
@@ -457,18 +462,30 @@ pub async fn run_cycle(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instant)
         report.throttled += m.stats.throttled();
     }
     report.duration_ms = started.elapsed().as_millis() as u64;
-    match result {
-        Ok(reason) => report.stop_reason = Some(reason),
+    let error = match result {
+        Ok(reason) => {
+            report.stop_reason = Some(reason);
+            None
+        }
         Err(e) => {
             report.stop_reason = Some(StopReason::Failed);
             report.error = Some(format!("{e:#}"));
-            error = Some(e);
+            Some(e)
         }
-    }
+    };
     CycleResult {
         report,
         dry_run_objects: run.dry_run_objects,
         error,
+    }
+}
+
+fn set_deadlines(p: &Pipeline<'_>, deadline: Option<Instant>) {
+    if let Source::Mandiant(m) = &p.source {
+        m.deadline.set(deadline);
+    }
+    if let Sink::Sentinel(u) = &p.sink {
+        u.deadline.set(deadline);
     }
 }
 
@@ -542,27 +559,17 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
             return stop_for_budget(run, &mut checkpoint_version, start, last_finished).await;
         }
         let span = tracing::info_span!("window", start = %rfc3339(start), end = %rfc3339(end));
-        let first = client
-            .first_page(&WindowQuery {
-                start_epoch: start,
-                end_epoch: end,
-                min_confidence: p.policy.min_confidence,
-                exclude_osint: p.policy.exclude_osint,
-            })
-            .instrument(span.clone())
-            .await
-            .with_context(|| {
-                format!(
-                    "fetching Mandiant indicators updated from {} to {}",
-                    rfc3339(start),
-                    rfc3339(end)
-                )
-            })?;
-        if let Flow::OutOfTime = run.page_window(client, first).instrument(span).await? {
-            return stop_for_budget(run, &mut checkpoint_version, start, last_finished).await;
-        }
-        if let Flow::OutOfTime = run.flush(true).await? {
-            return stop_for_budget(run, &mut checkpoint_version, start, last_finished).await;
+        let flow = fetch_window(run, client, start, end).instrument(span).await;
+        match flow {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::OutOfTime) => {
+                return stop_for_budget(run, &mut checkpoint_version, start, last_finished).await;
+            }
+            // A retry that would wait past the deadline: a budget stop, not a failure.
+            Err(e) if is_out_of_time(&e) => {
+                return stop_for_budget(run, &mut checkpoint_version, start, last_finished).await;
+            }
+            Err(e) => return Err(e),
         }
         // The window is in Sentinel: save the cache first, then move the checkpoint.
         run.save_cache().await.context("saving the dedupe cache")?;
@@ -580,6 +587,46 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
     }
     finish(run, Some(&mut checkpoint_version), Some(start)).await?;
     Ok(StopReason::Completed)
+}
+
+/// Pages through one window and sends everything it kept.
+async fn fetch_window(
+    run: &mut Run<'_>,
+    client: &MatiClient,
+    start: i64,
+    end: i64,
+) -> anyhow::Result<Flow> {
+    use anyhow::Context;
+    let first = client
+        .first_page(&WindowQuery {
+            start_epoch: start,
+            end_epoch: end,
+            min_confidence: run.p.policy.min_confidence,
+            exclude_osint: run.p.policy.exclude_osint,
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "fetching Mandiant indicators updated from {} to {}",
+                rfc3339(start),
+                rfc3339(end)
+            )
+        })?;
+    if let Flow::OutOfTime = run.page_window(client, first).await? {
+        return Ok(Flow::OutOfTime);
+    }
+    run.flush(true).await
+}
+
+fn is_out_of_time(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<OutOfTime>()
+            || matches!(c.downcast_ref::<MatiError>(), Some(MatiError::OutOfTime(_)))
+            || matches!(
+                c.downcast_ref::<SentinelError>(),
+                Some(SentinelError::OutOfTime(_))
+            )
+    })
 }
 
 fn rfc3339(unix: i64) -> String {

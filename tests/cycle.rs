@@ -868,3 +868,32 @@ async fn without_a_client_secret_the_managed_identity_gets_the_token() {
             .all(|t| t.starts_with("Bearer entra-token-mi-"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_retry_wait_ends_the_cycle_at_its_budget_not_past_it() {
+    let feed = feed();
+    let w = world(&feed).await;
+    let mut env = w.env();
+    env.insert("SYNC_TIME_BUDGET_SECONDS".into(), "10".into());
+    // Sentinel asks for 100 seconds, twice as long as the budget.
+    w.sentinel.lock().unwrap().faults.push_back(Fault::throttle(
+        Some("100"),
+        r#"{"statusCode":429,"message":"Rate limit is exceeded. Try again in 100 seconds."}"#,
+    ));
+    let t0 = std::time::Instant::now();
+    let out = run(&["sync", "--json"], &env).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(60),
+        "did not wait out the 429"
+    );
+    let report: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["stop_reason"], "time_budget", "{report}");
+    assert_eq!(w.checkpoint()["backfill_in_progress"], true);
+    // The next run sends what the throttled batch held.
+    assert_eq!(run(&["sync"], &env).await.code, 0);
+    let ids = w.received_ids();
+    let unique: BTreeSet<String> = ids.iter().cloned().collect();
+    assert_eq!(unique, expected(&feed, false));
+    assert_eq!(ids.len(), unique.len());
+}
