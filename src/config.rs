@@ -240,6 +240,8 @@ pub struct Config {
     pub mati: Option<MatiConfig>,
     pub sentinel: Option<SentinelConfig>,
     pub workspace: Option<WorkspaceResource>,
+    /// A user-assigned managed identity, for Sentinel (without a client secret) and Blob state.
+    pub managed_identity_client_id: Option<String>,
     pub app_insights: Option<Secret>,
 }
 
@@ -578,7 +580,8 @@ impl Config {
                 ("china", Cloud::China),
             ],
         );
-        let sentinel = read_sentinel(&mut r, cloud, needs.sentinel);
+        let managed_identity_client_id = r.guid("MANAGED_IDENTITY_CLIENT_ID", false);
+        let sentinel = read_sentinel(&mut r, cloud, needs.sentinel, &managed_identity_client_id);
 
         let workspace = {
             let needed = sync.enable_deduplication && needs.sentinel;
@@ -613,6 +616,7 @@ impl Config {
                 mati,
                 sentinel,
                 workspace,
+                managed_identity_client_id,
                 app_insights,
             })
         } else {
@@ -658,12 +662,16 @@ fn read_state(r: &mut Reader<'_>) -> StateConfig {
     ))
 }
 
-fn read_sentinel(r: &mut Reader<'_>, cloud: Cloud, needed: bool) -> Option<SentinelConfig> {
+fn read_sentinel(
+    r: &mut Reader<'_>,
+    cloud: Cloud,
+    needed: bool,
+    mi_client_id: &Option<String>,
+) -> Option<SentinelConfig> {
     let workspace_id = r.guid("AZURE_WORKSPACE_ID", needed);
     let tenant = r.raw("AZURE_TENANT_ID");
     let client_id = r.raw("AZURE_CLIENT_ID");
     let secret = r.raw("AZURE_CLIENT_SECRET");
-    let mi_client_id = r.guid("MANAGED_IDENTITY_CLIENT_ID", false);
     let auth = match secret {
         Some(secret) => {
             if tenant.is_none() && needed {
@@ -698,7 +706,7 @@ fn read_sentinel(r: &mut Reader<'_>, cloud: Cloud, needed: bool) -> Option<Senti
             }
         }
         None => Some(SentinelAuth::ManagedIdentity {
-            client_id: mi_client_id,
+            client_id: mi_client_id.clone(),
         }),
     };
     let api = r.choice(

@@ -7,8 +7,10 @@
 //! (`state`). `sync` sequences it; `config` reads the settings; `app` builds the parts.
 //! See ARCHITECTURE.md for the map and the invariants.
 
+pub mod app;
 pub mod config;
 pub mod dedupe;
+pub mod handler;
 pub mod mati;
 pub mod policy;
 pub mod rate_limit;

@@ -12,13 +12,16 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use time::OffsetDateTime;
 
-use mati_sentinel::config::{Config, ConfigError, Needs, Problem, StateConfig};
-use mati_sentinel::mati::{APP_NAME, MatiClient, pages_from_json};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use mati_sentinel::app::{App, BuildError, build_store, http_client};
+use mati_sentinel::config::{Config, ConfigError, Needs};
+use mati_sentinel::handler::{router, summary_line};
+use mati_sentinel::mati::{MatiClient, pages_from_json};
 use mati_sentinel::rate_limit::SlidingWindow;
 use mati_sentinel::retry::RetryPolicy;
 use mati_sentinel::sentinel::SentinelUploader;
-use mati_sentinel::state::file::FileStore;
-use mati_sentinel::state::{Precondition, StateStore};
+use mati_sentinel::state::Precondition;
 use mati_sentinel::stix::bundle;
 use mati_sentinel::sync::{CycleReport, Pipeline, Sink, Source, StopReason, run_cycle};
 
@@ -48,6 +51,10 @@ enum Command {
     },
     /// Check the settings and each connection, without uploading.
     Check,
+    /// Azure Functions custom handler: serve the host on 127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT.
+    Serve,
+    /// Run a cycle whenever one is due (every SYNC_SCHEDULE hours) until SIGTERM or SIGINT.
+    Daemon,
 }
 
 const EXIT_FAILED: u8 = 1;
@@ -76,6 +83,8 @@ fn main() -> ExitCode {
                 json,
             } => sync(dry_run, output, from_file, json).await,
             Command::Check => check().await,
+            Command::Serve => serve().await,
+            Command::Daemon => daemon().await,
         }
     });
     ExitCode::from(code)
@@ -103,28 +112,13 @@ fn config_error(e: &ConfigError) -> u8 {
     EXIT_CONFIG
 }
 
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .user_agent(APP_NAME)
-        .connect_timeout(Duration::from_secs(15))
-        .build()
-        .expect("the HTTP client builds")
-}
-
-fn build_store(state: &StateConfig) -> Result<Box<dyn StateStore>, ConfigError> {
-    let unsupported = |setting: &'static str| {
-        ConfigError {
-        problems: vec![Problem {
-            setting,
-            message: "selects Blob Storage state, which this build does not support yet; unset it to keep state in STATE_DIR".into(),
-        }],
-    }
-    };
-    match state {
-        StateConfig::Folder(dir) => Ok(Box::new(FileStore::new(dir))),
-        StateConfig::BlobManagedIdentity(_) => Err(unsupported("STATE_CONTAINER_URL")),
-        StateConfig::BlobSas(_) => Err(unsupported("STATE_CONTAINER_SAS_URL")),
-        StateConfig::DevelopmentStorage => Err(unsupported("AzureWebJobsStorage")),
+fn build_error(e: &BuildError) -> u8 {
+    match e {
+        BuildError::Config(c) => config_error(c),
+        other => {
+            eprintln!("mati-sentinel: {other}");
+            EXIT_FAILED
+        }
     }
 }
 
@@ -142,9 +136,18 @@ async fn sync(
         Ok(c) => c,
         Err(e) => return config_error(&e),
     };
-    let store = match build_store(&config.state) {
+    if !dry_run && from_file.is_none() {
+        // A real cycle: the same parts `serve` and `daemon` use.
+        let app = match App::build(config) {
+            Ok(a) => a,
+            Err(e) => return build_error(&e),
+        };
+        let result = app.cycle(OffsetDateTime::now_utc(), None).await;
+        return report_cycle(&result.report, result.error.as_ref(), json, None);
+    }
+    let store = match build_store(&config.state, config.managed_identity_client_id.as_deref()) {
         Ok(s) => s,
-        Err(e) => return config_error(&e),
+        Err(e) => return build_error(&e),
     };
     let http = http_client();
 
@@ -213,6 +216,7 @@ async fn sync(
         store: store.as_ref(),
         source,
         sink,
+        stop: None,
     };
     let now = OffsetDateTime::now_utc();
     let deadline = tokio::time::Instant::now() + config.sync.time_budget;
@@ -229,15 +233,30 @@ async fn sync(
             return EXIT_FAILED;
         }
     }
+    report_cycle(
+        &result.report,
+        result.error.as_ref(),
+        json,
+        output.as_deref(),
+    )
+}
+
+/// Prints a cycle's report and turns its outcome into the exit code.
+fn report_cycle(
+    report: &CycleReport,
+    error: Option<&anyhow::Error>,
+    json: bool,
+    output: Option<&std::path::Path>,
+) -> u8 {
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&result.report).expect("a report serialises")
+            serde_json::to_string_pretty(report).expect("a report serialises")
         );
     } else {
-        print_summary(&result.report, output.as_deref());
+        print_summary(report, output);
     }
-    match &result.error {
+    match error {
         Some(e) => {
             tracing::error!(error = %format!("{e:#}"), "cycle failed");
             eprintln!("mati-sentinel: cycle failed: {e:#}");
@@ -253,6 +272,7 @@ fn print_summary(r: &CycleReport, output: Option<&std::path::Path>) {
         Some(StopReason::TimeBudget) => {
             "stopped at its time budget (state saved; the next run continues)"
         }
+        Some(StopReason::Stopped) => "stopped on request (state saved; the next run continues)",
         Some(StopReason::AlreadyRunning) => "skipped: another cycle holds the state lock",
         Some(StopReason::Failed) | None => "failed",
     };
@@ -353,7 +373,7 @@ async fn check() -> u8 {
         Err(e) => line(false, "Sentinel", format!("{e}")),
     }
 
-    match build_store(&config.state) {
+    match build_store(&config.state, config.managed_identity_client_id.as_deref()) {
         Err(e) => line(false, "state", e.to_string().trim().to_string()),
         Ok(store) => {
             let probe = "check-probe";
@@ -393,4 +413,125 @@ async fn check() -> u8 {
         }
     }
     if failed { EXIT_FAILED } else { 0 }
+}
+
+/// Resolves on SIGTERM (how the Functions host and container runtimes stop a process) or
+/// SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler installs");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// The Functions custom handler.
+async fn serve() -> u8 {
+    let port = match std::env::var("FUNCTIONS_CUSTOMHANDLER_PORT")
+        .or_else(|_| std::env::var("FUNCTIONS_HTTPWORKER_PORT"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u16>().ok())
+    {
+        Some(p) => p,
+        None => {
+            eprintln!(
+                "mati-sentinel: FUNCTIONS_CUSTOMHANDLER_PORT: must be the port the Functions host chose (a number); `serve` runs under the host or `func start`"
+            );
+            return EXIT_CONFIG;
+        }
+    };
+    let config = match Config::from_env(Needs::ALL) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    let app = match App::build(config) {
+        Ok(a) => Arc::new(a),
+        Err(e) => return build_error(&e),
+    };
+    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("mati-sentinel: cannot listen on 127.0.0.1:{port}: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    tracing::info!(port, "custom handler listening");
+    match axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+    {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("mati-sentinel: the handler stopped: {e}");
+            EXIT_FAILED
+        }
+    }
+}
+
+/// After a failed cycle the daemon waits this long before trying again, so a persistent
+/// fault (a revoked secret, a missing role) does not hammer the services.
+const DAEMON_RETRY_AFTER_FAILURE: Duration = Duration::from_secs(15 * 60);
+/// How often the daemon looks at the checkpoint to see whether a cycle is due.
+const DAEMON_POLL: Duration = Duration::from_secs(60);
+
+/// A cycle every SYNC_SCHEDULE hours until SIGTERM or SIGINT, which stop a running cycle at
+/// its next batch boundary with its state saved.
+async fn daemon() -> u8 {
+    let config = match Config::from_env(Needs::ALL) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    let app = match App::build(config) {
+        Ok(a) => a,
+        Err(e) => return build_error(&e),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let notify = Arc::new(tokio::sync::Notify::new());
+    {
+        let (stop, notify) = (stop.clone(), notify.clone());
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("stop requested; finishing the current batch");
+            stop.store(true, Ordering::Relaxed);
+            notify.notify_waiters();
+        });
+    }
+    tracing::info!(
+        schedule_hours = app.config.sync.schedule_hours,
+        "daemon started"
+    );
+    while !stop.load(Ordering::Relaxed) {
+        let now = OffsetDateTime::now_utc();
+        let wait = match app.is_due(now).await {
+            Ok(true) => {
+                let result = app.cycle(now, Some(stop.clone())).await;
+                let line = summary_line(&result.report);
+                match &result.error {
+                    None => {
+                        tracing::info!(report = %serde_json::to_value(&result.report).unwrap_or_default(), "{line}");
+                        DAEMON_POLL
+                    }
+                    Some(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "{line}");
+                        DAEMON_RETRY_AFTER_FAILURE
+                    }
+                }
+            }
+            Ok(false) => DAEMON_POLL,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the checkpoint");
+                DAEMON_POLL
+            }
+        };
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = notify.notified() => {}
+        }
+    }
+    tracing::info!("daemon stopped");
+    0
 }

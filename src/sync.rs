@@ -6,6 +6,8 @@
 //! Sentinel and the cache was saved; a cycle stops between batches when its budget runs out.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -40,6 +42,8 @@ pub enum StopReason {
     Completed,
     /// `SYNC_TIME_BUDGET_SECONDS` ran out; state was saved and the backfill continues next time.
     TimeBudget,
+    /// Asked to stop (SIGTERM or SIGINT); state was saved.
+    Stopped,
     /// Another cycle holds the lock.
     AlreadyRunning,
     /// The run failed; see the error.
@@ -173,6 +177,8 @@ pub struct Pipeline<'a> {
     pub store: &'a dyn StateStore,
     pub source: Source<'a>,
     pub sink: Sink<'a>,
+    /// Set by a signal handler: the cycle stops at the next batch boundary, state saved.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 pub struct CycleResult {
@@ -208,8 +214,24 @@ impl Run<'_> {
         self.started.elapsed().as_secs() as i64
     }
 
+    fn stop_requested(&self) -> bool {
+        self.p
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+    }
+
+    /// Time to stop between batches: the budget ran out, or a stop was asked for.
     fn out_of_time(&self) -> bool {
-        Instant::now() >= self.deadline
+        Instant::now() >= self.deadline || self.stop_requested()
+    }
+
+    fn early_stop_reason(&self) -> StopReason {
+        if self.stop_requested() {
+            StopReason::Stopped
+        } else {
+            StopReason::TimeBudget
+        }
     }
 
     /// Adds planned objects; a newer version of one still pending replaces it, so a batch
@@ -526,12 +548,12 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
             for page in pages {
                 if let Flow::OutOfTime = run.handle_page(page).await? {
                     run.save_cache().await.context("saving the dedupe cache")?;
-                    return Ok(StopReason::TimeBudget);
+                    return Ok(run.early_stop_reason());
                 }
             }
             if let Flow::OutOfTime = run.flush(true).await? {
                 run.save_cache().await.context("saving the dedupe cache")?;
-                return Ok(StopReason::TimeBudget);
+                return Ok(run.early_stop_reason());
             }
             finish(run, None, None).await?;
             return Ok(StopReason::Completed);
@@ -674,7 +696,7 @@ async fn stop_for_budget(
         };
         write_checkpoint(run, version, &cp).await?;
     }
-    Ok(StopReason::TimeBudget)
+    Ok(run.early_stop_reason())
 }
 
 async fn finish(

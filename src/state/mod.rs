@@ -5,6 +5,7 @@
 //! keeps two cycles from running at once. Invariant: a write that would overwrite state newer
 //! than what the writer read is refused with `StateError::Conflict`.
 
+pub mod blob;
 pub mod file;
 
 use async_trait::async_trait;

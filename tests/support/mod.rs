@@ -668,3 +668,65 @@ pub async fn serve_managed_identity(state: Shared<ManagedIdentity>) -> String {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     format!("http://{addr}/msi/token")
 }
+
+// ---------------------------------------------------------------------------------------------
+// Azurite, the official Blob Storage emulator (installed by `npm install` into node_modules)
+
+pub struct Azurite {
+    child: std::process::Child,
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Azurite {
+    /// Starts Azurite's blob service on 127.0.0.1 at `port` (0 picks a free one).
+    pub fn start(port: u16) -> Azurite {
+        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("node_modules/.bin/azurite-blob");
+        assert!(
+            bin.exists(),
+            "Azurite is not installed: run `npm install` in the project (bash .ci/run does)"
+        );
+        let port = if port == 0 {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        } else {
+            port
+        };
+        // Azurite writes its debug files to the working directory: keep them out of the tree.
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new(bin)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .args([
+                "--inMemoryPersistence",
+                "--skipApiVersionCheck",
+                "--disableTelemetry",
+                "--silent",
+            ])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("Azurite starts");
+        let azurite = Azurite {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "Azurite did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        azurite
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,133 @@
+//! Builds the long-lived parts from a `Config` and runs one cycle with them.
+//!
+//! Shared by every way in (`sync`, `serve`, `daemon`): one HTTP client, one state store, one
+//! Sentinel rate limiter for the whole process, and the two clients. Nothing here parses a
+//! wire format; it only wires the pieces of `sync` together.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::config::{Config, ConfigError, Problem, StateConfig};
+use crate::mati::{APP_NAME, MatiClient};
+use crate::rate_limit::SlidingWindow;
+use crate::retry::RetryPolicy;
+use crate::sentinel::{SentinelError, SentinelUploader};
+use crate::state::blob::BlobStore;
+use crate::state::file::FileStore;
+use crate::state::{CHECKPOINT, Checkpoint, StateError, StateStore};
+use crate::sync::{CycleResult, Pipeline, Sink, Source, run_cycle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Sentinel(#[from] SentinelError),
+    #[error("{0}")]
+    State(#[from] StateError),
+}
+
+/// The process's HTTP client: rustls with the operating system's trust store (so
+/// `SSL_CERT_FILE` adds a CA), gzip, and no proxy surprises.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(APP_NAME)
+        .connect_timeout(Duration::from_secs(15))
+        .build()
+        .expect("the HTTP client builds")
+}
+
+pub fn build_store(
+    state: &StateConfig,
+    managed_identity_client_id: Option<&str>,
+) -> Result<Arc<dyn StateStore>, BuildError> {
+    Ok(match state {
+        StateConfig::Folder(dir) => Arc::new(FileStore::new(dir)),
+        StateConfig::BlobManagedIdentity(url) => Arc::new(BlobStore::with_managed_identity(
+            url,
+            managed_identity_client_id,
+        )?),
+        StateConfig::BlobSas(url) => Arc::new(BlobStore::with_sas_url(url.expose())?),
+        StateConfig::DevelopmentStorage => Arc::new(BlobStore::development_storage()?),
+    })
+}
+
+fn setting_problem(setting: &'static str, message: String) -> BuildError {
+    BuildError::Config(ConfigError {
+        problems: vec![Problem { setting, message }],
+    })
+}
+
+/// Everything a cycle needs, built once.
+pub struct App {
+    pub config: Config,
+    pub store: Arc<dyn StateStore>,
+    pub mati: MatiClient,
+    pub uploader: SentinelUploader,
+}
+
+impl App {
+    /// Builds the parts for real cycles; `config` must have been read with `Needs::ALL`.
+    pub fn build(config: Config) -> Result<App, BuildError> {
+        let http = http_client();
+        let mati_config = config
+            .mati
+            .clone()
+            .ok_or_else(|| setting_problem("MATI_API_KEY", "is required but not set".into()))?;
+        let sentinel_config = config.sentinel.clone().ok_or_else(|| {
+            setting_problem("AZURE_WORKSPACE_ID", "is required but not set".into())
+        })?;
+        let store = build_store(&config.state, config.managed_identity_client_id.as_deref())?;
+        let uploader = SentinelUploader::new(
+            http.clone(),
+            &sentinel_config,
+            // One limiter for the whole process: Sentinel counts requests per identity.
+            Arc::new(SlidingWindow::sentinel()),
+            RetryPolicy::DEFAULT,
+        )?;
+        let mati = MatiClient::new(http, mati_config, RetryPolicy::DEFAULT);
+        Ok(App {
+            config,
+            store,
+            mati,
+            uploader,
+        })
+    }
+
+    /// Whether a cycle is due (DESIGN §4), from the stored checkpoint.
+    pub async fn is_due(&self, now: OffsetDateTime) -> Result<bool, StateError> {
+        let checkpoint = match self.store.read(CHECKPOINT).await? {
+            Some(v) => Some(Checkpoint::decode(&v.bytes)?),
+            None => None,
+        };
+        Ok(Checkpoint::is_due(
+            checkpoint.as_ref(),
+            self.config.sync.schedule_hours,
+            now.unix_timestamp(),
+        ))
+    }
+
+    /// One cycle from Mandiant to Sentinel, within the configured time budget; `stop`
+    /// ends it early at the next batch boundary.
+    pub async fn cycle(&self, now: OffsetDateTime, stop: Option<Arc<AtomicBool>>) -> CycleResult {
+        if self.config.sync.enable_deduplication {
+            tracing::warn!(
+                "ENABLE_DEDUPLICATION is set, but workspace reconciliation is not in this build yet; the local dedupe cache still applies"
+            );
+        }
+        let pipeline = Pipeline {
+            policy: &self.config.policy,
+            stix: &self.config.stix,
+            sync: &self.config.sync,
+            store: self.store.as_ref(),
+            source: Source::Mandiant(&self.mati),
+            sink: Sink::Sentinel(&self.uploader),
+            stop,
+        };
+        let deadline = tokio::time::Instant::now() + self.config.sync.time_budget;
+        run_cycle(&pipeline, now, deadline).await
+    }
+}
