@@ -286,6 +286,53 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// Every setting the product reads, in the order it reads them (a unit test keeps this list
+/// and `Config::from_lookup` in step; deployment files are checked against it).
+pub const SETTINGS: &[&str] = &[
+    "MINIMUM_CONFIDENCE",
+    "MINIMUM_THREAT_SCORE",
+    "EXCLUDE_OSINT",
+    "INCLUDE_UNCATEGORIZED",
+    "HASH_TYPE",
+    "INCLUDE_IPV4",
+    "INCLUDE_FQDN",
+    "INCLUDE_URL",
+    "INCLUDE_HASH",
+    "IP_INDICATOR_EXPIRATION",
+    "FQDN_INDICATOR_EXPIRATION",
+    "URL_INDICATOR_EXPIRATION",
+    "HASH_INDICATOR_EXPIRATION",
+    "DEFAULT_ACTION",
+    "PASSIVE_ONLY",
+    "TIMER_SCHEDULE",
+    "INITIAL_LOOKBACK",
+    "SYNC_SCHEDULE",
+    "SYNC_TIME_BUDGET_SECONDS",
+    "ENABLE_DEDUPLICATION",
+    "STATE_CONTAINER_URL",
+    "STATE_CONTAINER_SAS_URL",
+    "AzureWebJobsStorage",
+    "STATE_DIR",
+    "MATI_API_KEY",
+    "MATI_API_SECRET",
+    "MATI_BASE_URL",
+    "AZURE_CLOUD",
+    "MANAGED_IDENTITY_CLIENT_ID",
+    "AZURE_WORKSPACE_ID",
+    "AZURE_TENANT_ID",
+    "AZURE_CLIENT_ID",
+    "AZURE_CLIENT_SECRET",
+    "SENTINEL_UPLOAD_API",
+    "SENTINEL_ENDPOINT",
+    "SENTINEL_SOURCE_SYSTEM",
+    "AZURE_AUTHORITY_HOST",
+    "AZURE_SUBSCRIPTION_ID",
+    "AZURE_RESOURCE_GROUP_NAME",
+    "AZURE_WORKSPACE_NAME",
+    "AZURE_RESOURCE_MANAGER_ENDPOINT",
+    "APPLICATIONINSIGHTS_CONNECTION_STRING",
+];
+
 const KEY_VAULT_PREFIX: &str = "@Microsoft.KeyVault(";
 
 /// Reads settings and remembers problems, so validation goes on after the first one.
@@ -968,6 +1015,23 @@ mod tests {
                 "AZURE_WORKSPACE_NAME"
             ]
         );
+    }
+
+    #[test]
+    fn the_settings_list_is_exactly_what_is_read() {
+        use std::cell::RefCell;
+        let read = RefCell::new(std::collections::BTreeSet::new());
+        let mut m = valid();
+        // Make every conditional branch read its settings.
+        m.insert("ENABLE_DEDUPLICATION".into(), "true".into());
+        let lookup = |name: &str| {
+            read.borrow_mut().insert(name.to_string());
+            m.get(name).cloned()
+        };
+        let _ = Config::from_lookup(&lookup, Needs::ALL);
+        let listed: std::collections::BTreeSet<String> =
+            SETTINGS.iter().map(|s| s.to_string()).collect();
+        assert_eq!(*read.borrow(), listed);
     }
 
     #[test]
