@@ -598,12 +598,26 @@ impl Output {
 /// Runs the real binary with exactly these settings (the rest of the environment cleared,
 /// so nothing from the machine leaks in).
 pub async fn run(args: &[&str], env: &BTreeMap<String, String>) -> Output {
+    run_in(None, args, env).await
+}
+
+/// The binary's command with exactly these settings (and `PATH`).
+pub fn command(args: &[&str], env: &BTreeMap<String, String>) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mati-sentinel"));
     cmd.args(args).env_clear();
     if let Some(path) = std::env::var_os("PATH") {
         cmd.env("PATH", path);
     }
     cmd.envs(env);
+    cmd
+}
+
+/// `run` in a working directory of the caller's choice.
+pub async fn run_in(cwd: Option<&Path>, args: &[&str], env: &BTreeMap<String, String>) -> Output {
+    let mut cmd = command(args, env);
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
     let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap();
