@@ -125,3 +125,31 @@ async fn a_blob_store_without_a_reachable_service_says_so() {
         "no SAS in messages: {err}"
     );
 }
+
+/// A cycle longer than the lease keeps the lock: the lease is renewed in the background.
+/// A lock that is never released (a crash) lapses on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_blob_lease_is_renewed_while_held_and_lapses_after_a_crash() {
+    use std::time::Duration;
+    let azurite = support::Azurite::start(0);
+    let store = |renew: u64| {
+        BlobStore::development_storage_at(&azurite.endpoint, "lease")
+            .unwrap()
+            .with_lease_timing(15, Duration::from_secs(renew))
+    };
+    let (a, b) = (store(5), store(5));
+    let held = a.try_lock().await.unwrap().expect("the first lock");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(
+        b.try_lock().await.unwrap().is_none(),
+        "still held 20 s into a 15 s lease"
+    );
+    held.release().await.unwrap();
+
+    // A holder that stops renewing (the process died) loses the lock after the lease.
+    let crashed = store(3600).try_lock().await.unwrap().expect("lock");
+    std::mem::forget(crashed);
+    assert!(b.try_lock().await.unwrap().is_none());
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    assert!(b.try_lock().await.unwrap().is_some(), "the lease lapsed");
+}

@@ -46,6 +46,8 @@ pub struct BlobStore {
     /// Where state lives, for messages: the URL without its query (a SAS is a credential).
     describe: String,
     created: OnceCell<()>,
+    lease_seconds: i32,
+    renew_every: Duration,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StateError {
@@ -110,7 +112,16 @@ impl BlobStore {
             container,
             describe: format!("blob container {shown}"),
             created: OnceCell::new(),
+            lease_seconds: LEASE_SECONDS,
+            renew_every: RENEW_EVERY,
         })
+    }
+
+    /// Shorter lease timings, so a test can outlive a lease (Blob Storage allows 15–60 s).
+    pub fn with_lease_timing(mut self, lease_seconds: i32, renew_every: Duration) -> Self {
+        self.lease_seconds = lease_seconds;
+        self.renew_every = renew_every;
+        self
     }
 
     /// `STATE_CONTAINER_URL`, reached with the (user-assigned, when given) managed identity.
@@ -328,7 +339,7 @@ impl StateStore for BlobStore {
         }
         let lease_id = match blob
             .acquire_lease(
-                LEASE_SECONDS,
+                self.lease_seconds,
                 Some(BlobClientAcquireLeaseOptions::default()),
             )
             .await
@@ -349,9 +360,10 @@ impl StateStore for BlobStore {
         };
         let renew_blob = self.blob(LOCK_BLOB);
         let renew_id = lease_id.clone();
+        let every = self.renew_every;
         let renewer = tokio::spawn(async move {
             loop {
-                tokio::time::sleep(RENEW_EVERY).await;
+                tokio::time::sleep(every).await;
                 if let Err(e) = renew_blob.renew_lease(renew_id.clone(), None).await {
                     tracing::error!(error = %describe_error(e), "could not renew the state lease; another instance may start a cycle, and conditional writes will refuse any stale state");
                 }
