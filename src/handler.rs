@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::app::App;
 use crate::sync::{CycleReport, StopReason};
+use crate::telemetry::Telemetry;
 
 /// The function's name: the folder holding its `function.json`, and the path the host posts to.
 pub const FUNCTION: &str = "SyncIndicators";
@@ -69,11 +70,18 @@ impl InvokeResponse {
     }
 }
 
-pub fn router(app: Arc<App>) -> Router {
+/// What the routes share.
+#[derive(Clone)]
+pub struct HandlerState {
+    pub app: Arc<App>,
+    pub telemetry: Arc<Telemetry>,
+}
+
+pub fn router(state: HandlerState) -> Router {
     Router::new()
         .route("/", get(ready))
         .route(&format!("/{FUNCTION}"), post(sync_indicators))
-        .with_state(app)
+        .with_state(state)
 }
 
 async fn ready() -> &'static str {
@@ -108,7 +116,7 @@ pub fn summary_line(r: &CycleReport) -> String {
 }
 
 async fn sync_indicators(
-    State(app): State<Arc<App>>,
+    State(state): State<HandlerState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, Json<InvokeResponse>) {
@@ -117,9 +125,22 @@ async fn sync_indicators(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let span =
-        tracing::info_span!("invocation", function = FUNCTION, invocation_id = %invocation_id);
-    invoke(app, body).instrument(span).await
+    let span = tracing::info_span!(
+        "SyncIndicators",
+        otel.kind = "server",
+        function = FUNCTION,
+        invocation_id = %invocation_id
+    );
+    // Correlate with the host's own invocation telemetry through its `traceparent`.
+    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&opentelemetry_http::HeaderExtractor(&headers))
+    });
+    let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+    let reply = invoke(state.app.clone(), body).instrument(span).await;
+    // The span has closed: send it before the host gets its answer (the instance may be
+    // frozen right after).
+    state.telemetry.flush().await;
+    reply
 }
 
 async fn invoke(app: Arc<App>, body: Bytes) -> (StatusCode, Json<InvokeResponse>) {

@@ -19,3 +19,4 @@ pub mod sentinel;
 pub mod state;
 pub mod stix;
 pub mod sync;
+pub mod telemetry;

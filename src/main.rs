@@ -3,7 +3,6 @@
 //! Exit codes: 0 the cycle finished or stopped cleanly at its time budget, 1 it failed,
 //! 2 the settings or arguments are wrong. The human summary goes to stdout, logs to stderr.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use mati_sentinel::app::{App, BuildError, build_store, http_client};
 use mati_sentinel::config::{Config, ConfigError, Needs};
-use mati_sentinel::handler::{router, summary_line};
+use mati_sentinel::handler::{HandlerState, router, summary_line};
 use mati_sentinel::mati::{MatiClient, pages_from_json};
 use mati_sentinel::rate_limit::SlidingWindow;
 use mati_sentinel::retry::RetryPolicy;
@@ -24,6 +23,7 @@ use mati_sentinel::sentinel::SentinelUploader;
 use mati_sentinel::state::Precondition;
 use mati_sentinel::stix::bundle;
 use mati_sentinel::sync::{CycleReport, Pipeline, Sink, Source, StopReason, run_cycle};
+use mati_sentinel::telemetry::{self, Telemetry};
 
 #[derive(Parser)]
 #[command(name = "mati-sentinel", version, about = "Mandiant Threat Intelligence indicators into Microsoft Sentinel", long_about = None)]
@@ -69,13 +69,20 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("a Tokio runtime starts");
     let code = runtime.block_on(async {
-        match cli.command {
+        // Read here, before the settings are validated, so that even a settings error is
+        // logged; `Config` reports an unusable value by name.
+        let connection_string = std::env::var("APPLICATIONINSIGHTS_CONNECTION_STRING")
+            .ok()
+            .filter(|v| {
+                !v.trim().is_empty() && !v.trim_start().starts_with("@Microsoft.KeyVault(")
+            });
+        let telemetry = Arc::new(telemetry::init(connection_string.as_deref(), http_client()));
+        let code = match cli.command {
             Command::Sync {
                 dry_run,
                 output,
@@ -83,28 +90,15 @@ fn main() -> ExitCode {
                 json,
             } => sync(dry_run, output, from_file, json).await,
             Command::Check => check().await,
-            Command::Serve => serve().await,
-            Command::Daemon => daemon().await,
+            Command::Serve => serve(telemetry.clone()).await,
+            Command::Daemon => daemon(telemetry.clone()).await,
+        };
+        if let Ok(t) = Arc::try_unwrap(telemetry) {
+            t.shutdown().await;
         }
+        code
     });
     ExitCode::from(code)
-}
-
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| {
-        EnvFilter::new("info,azure_core=warn,azure_identity=warn,hyper=warn,reqwest=warn")
-    });
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"))
-        || !std::io::stderr().is_terminal();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 fn config_error(e: &ConfigError) -> u8 {
@@ -427,7 +421,7 @@ async fn shutdown_signal() {
 }
 
 /// The Functions custom handler.
-async fn serve() -> u8 {
+async fn serve(telemetry: Arc<Telemetry>) -> u8 {
     let port = match std::env::var("FUNCTIONS_CUSTOMHANDLER_PORT")
         .or_else(|_| std::env::var("FUNCTIONS_HTTPWORKER_PORT"))
         .ok()
@@ -457,7 +451,7 @@ async fn serve() -> u8 {
         }
     };
     tracing::info!(port, "custom handler listening");
-    match axum::serve(listener, router(app))
+    match axum::serve(listener, router(HandlerState { app, telemetry }))
         .with_graceful_shutdown(shutdown_signal())
         .await
     {
@@ -477,7 +471,7 @@ const DAEMON_POLL: Duration = Duration::from_secs(60);
 
 /// A cycle every SYNC_SCHEDULE hours until SIGTERM or SIGINT, which stop a running cycle at
 /// its next batch boundary with its state saved.
-async fn daemon() -> u8 {
+async fn daemon(telemetry: Arc<Telemetry>) -> u8 {
     let config = match Config::from_env(Needs::ALL) {
         Ok(c) => c,
         Err(e) => return config_error(&e),
@@ -506,6 +500,7 @@ async fn daemon() -> u8 {
         let wait = match app.is_due(now).await {
             Ok(true) => {
                 let result = app.cycle(now, Some(stop.clone())).await;
+                telemetry.flush().await;
                 let line = summary_line(&result.report);
                 match &result.error {
                     None => {

@@ -446,6 +446,7 @@ impl MatiClient {
 
     /// The first page of a time window.
     pub async fn first_page(&self, q: &WindowQuery) -> Result<MatiPage, MatiError> {
+        use tracing::Instrument;
         let query = [
             ("start_epoch", q.start_epoch.to_string()),
             ("end_epoch", q.end_epoch.to_string()),
@@ -456,12 +457,16 @@ impl MatiClient {
             ("include_category", "true".to_string()),
             ("include_misp", "false".to_string()),
         ];
-        self.get_page("indicator page", &query).await
+        self.get_page("indicator page", &query)
+            .instrument(tracing::info_span!("page_fetch", first = true))
+            .await
     }
 
     /// A following page: Mandiant wants `next` as the only parameter.
     pub async fn next_page(&self, next: &str) -> Result<MatiPage, MatiError> {
+        use tracing::Instrument;
         self.get_page("indicator page (next)", &[("next", next.to_string())])
+            .instrument(tracing::info_span!("page_fetch", first = false))
             .await
     }
 

@@ -85,10 +85,41 @@ pub struct CycleReport {
     pub throttled: u64,
     pub pruned: u64,
     pub cache_entries: u64,
+    /// Objects Sentinel accepted, by indicator type.
+    pub uploaded_by_type: UploadedByType,
+    /// Indicators re-sent with `valid_until` now because they no longer pass the policy.
+    pub expired: u64,
+    /// The Mandiant time span this cycle covered (RFC 3339), from its first window's start to
+    /// where it stopped.
+    pub window_start: Option<String>,
+    pub window_end: Option<String>,
     /// The checkpoint after the cycle (RFC 3339), when one was written.
     pub checkpoint: Option<String>,
     pub duration_ms: u64,
     pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UploadedByType {
+    pub ipv4: u64,
+    pub fqdn: u64,
+    pub url: u64,
+    pub hash: u64,
+}
+
+impl UploadedByType {
+    /// Counts one accepted object by its pattern's observable.
+    fn count(&mut self, pattern: &str) {
+        if pattern.starts_with("[ipv4-addr:") {
+            self.ipv4 += 1;
+        } else if pattern.starts_with("[domain-name:") {
+            self.fqdn += 1;
+        } else if pattern.starts_with("[url:") {
+            self.url += 1;
+        } else {
+            self.hash += 1;
+        }
+    }
 }
 
 /// A kept indicator, mapped and judged against the cache.
@@ -284,6 +315,9 @@ impl Run<'_> {
         let uploader = match self.p.sink {
             Sink::DryRun => {
                 self.report.uploaded += batch.len() as u64;
+                for p in &batch {
+                    self.report.uploaded_by_type.count(&p.stix.pattern);
+                }
                 self.dry_run_objects
                     .extend(batch.into_iter().map(|p| p.stix));
                 return Ok(());
@@ -327,6 +361,7 @@ impl Run<'_> {
             );
             self.cache_dirty = true;
             self.report.uploaded += 1;
+            self.report.uploaded_by_type.count(&p.stix.pattern);
         }
         for (i, message) in outcome.refused {
             let Some(p) = i.checked_sub(offset).and_then(|i| batch.get(i)) else {
@@ -407,6 +442,24 @@ impl Run<'_> {
 
 /// Runs one cycle. `now` is the wall clock at the start; `deadline` ends it cleanly.
 pub async fn run_cycle(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instant) -> CycleResult {
+    let api = match p.sink {
+        Sink::Sentinel(u) => match u.api() {
+            UploadApi::StixObjects => "stix-objects",
+            UploadApi::UploadIndicators => "upload-indicators",
+        },
+        Sink::DryRun => "dry-run",
+    };
+    let span = tracing::info_span!("sync_cycle", otel.kind = "internal", api);
+    async {
+        let result = cycle_with_lock(p, now, deadline).await;
+        crate::telemetry::summary_event(&result.report, api);
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+async fn cycle_with_lock(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instant) -> CycleResult {
     let started = Instant::now();
     let dry_run = matches!(p.sink, Sink::DryRun);
     let lock = if dry_run {
@@ -575,6 +628,8 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
     let mut checkpoint_version = Precondition::from_read(checkpoint_read.as_ref());
     let last_finished = checkpoint.as_ref().and_then(|c| c.last_finished);
 
+    run.report.window_start = Some(rfc3339(start));
+    run.report.window_end = Some(rfc3339(start));
     while start < now_unix {
         let end = (start + WINDOW_SECS).min(now_unix);
         if run.out_of_time() {
@@ -605,6 +660,7 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
             write_checkpoint(run, &mut checkpoint_version, &cp).await?;
         }
         run.report.windows_completed += 1;
+        run.report.window_end = Some(rfc3339(end));
         start = end;
     }
     finish(run, Some(&mut checkpoint_version), Some(start)).await?;

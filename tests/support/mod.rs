@@ -744,3 +744,47 @@ impl Drop for Azurite {
         let _ = self.child.wait();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Application Insights ingestion (what `opentelemetry-application-insights` posts to /v2/track)
+
+#[derive(Default)]
+pub struct Ingestion {
+    /// Every envelope received, decoded.
+    pub envelopes: Vec<Value>,
+    /// Every body as text, for secret scans.
+    pub raw: Vec<String>,
+}
+
+pub fn ingestion_router(state: Shared<Ingestion>) -> Router {
+    async fn track(
+        State(s): State<Shared<Ingestion>>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Response {
+        let text = if header(&headers, "content-encoding") == "gzip" {
+            use std::io::Read;
+            let mut out = String::new();
+            flate2::read::GzDecoder::new(&body[..])
+                .read_to_string(&mut out)
+                .unwrap();
+            out
+        } else {
+            String::from_utf8_lossy(&body).into_owned()
+        };
+        let mut st = s.lock().unwrap();
+        st.raw.push(text.clone());
+        let parsed: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let items = match parsed {
+            Value::Array(a) => a,
+            other => vec![other],
+        };
+        let n = items.len();
+        st.envelopes.extend(items);
+        Json(json!({"itemsReceived": n, "itemsAccepted": n, "errors": []})).into_response()
+    }
+    Router::new()
+        .route("/v2/track", post(track))
+        .route("/v2.1/track", post(track))
+        .with_state(state)
+}
