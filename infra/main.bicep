@@ -128,6 +128,9 @@ param sentinelUploadApi string = 'stix-objects'
 @description('How often the Functions timer ticks (NCRONTAB, UTC); a tick runs a cycle only when one is due.')
 param timerSchedule string = '0 */15 * * * *'
 
+@description('E-mail address for the alerts (a failed cycle; no completed cycle within twice syncSchedule). Empty: the alert rules fire without notifying anyone.')
+param alertEmail string = ''
+
 @description('Short prefix for resource names.')
 @maxLength(10)
 param namePrefix string = 'matisent'
@@ -298,6 +301,105 @@ resource insights 'Microsoft.Insights/components@2020-02-02' = {
     Application_Type: 'web'
     WorkspaceResourceId: logs.id
     DisableLocalAuth: false
+  }
+}
+
+// The operations workbook: cycles, uploads by type, rejections, refusals, throttling, duration.
+resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
+  name: guid(resourceGroup().id, namePrefix, 'mati-sentinel-workbook')
+  location: location
+  kind: 'shared'
+  properties: {
+    displayName: 'mati-sentinel'
+    category: 'workbook'
+    sourceId: insights.id
+    serializedData: loadTextContent('workbook.json')
+  }
+}
+
+resource alertActions 'Microsoft.Insights/actionGroups@2023-01-01' = if (!empty(alertEmail)) {
+  name: '${namePrefix}-alerts-${token}'
+  location: 'global'
+  properties: {
+    groupShortName: 'matisent'
+    enabled: true
+    emailReceivers: [
+      {
+        name: 'operator'
+        emailAddress: alertEmail
+        useCommonAlertSchema: true
+      }
+    ]
+  }
+}
+
+var alertActionGroups = empty(alertEmail) ? [] : [alertActions.id]
+
+// Any failed cycle (the event carries outcome "failed"; the host also records a failed invocation).
+resource failedCycleAlert 'Microsoft.Insights/scheduledQueryRules@2023-03-15-preview' = {
+  name: '${namePrefix}-failed-cycle-${token}'
+  location: location
+  properties: {
+    displayName: 'mati-sentinel: a sync cycle failed'
+    description: 'A cycle failed; the SyncCycleSummary event and the traces of the cycle say why (for example a missing role or an expired secret).'
+    severity: 2
+    enabled: true
+    scopes: [
+      insights.id
+    ]
+    evaluationFrequency: 'PT15M'
+    windowSize: 'PT30M'
+    criteria: {
+      allOf: [
+        {
+          query: 'customEvents | where name == "SyncCycleSummary" | where tostring(customDimensions.outcome) == "failed"'
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    actions: {
+      actionGroups: alertActionGroups
+    }
+  }
+}
+
+// No completed cycle within twice the schedule (capped at the two days a log alert can look back).
+resource silentAlert 'Microsoft.Insights/scheduledQueryRules@2023-03-15-preview' = {
+  name: '${namePrefix}-no-cycle-${token}'
+  location: location
+  properties: {
+    displayName: 'mati-sentinel: no completed sync cycle'
+    description: 'No cycle completed within twice syncSchedule: the sync is failing, stuck, or not running.'
+    severity: 2
+    enabled: true
+    scopes: [
+      insights.id
+    ]
+    evaluationFrequency: 'PT1H'
+    windowSize: 'PT${min(2 * syncSchedule, 48)}H'
+    criteria: {
+      allOf: [
+        {
+          query: 'customEvents | where name == "SyncCycleSummary" | where tostring(customDimensions.outcome) == "completed"'
+          timeAggregation: 'Count'
+          operator: 'LessThan'
+          threshold: 1
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    actions: {
+      actionGroups: alertActionGroups
+    }
   }
 }
 

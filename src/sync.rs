@@ -371,7 +371,7 @@ impl Run<'_> {
             // Forget it was seen, so a later copy in this cycle is tried again.
             self.seen.remove(&p.mandiant_id);
             self.report.refused += 1;
-            tracing::warn!(mandiant_id = %p.mandiant_id, stix_id = %p.stix.id, message, "Sentinel refused an indicator");
+            tracing::warn!(mandiant_id = %p.mandiant_id, stix_id = %p.stix.id, reason = %message, "Sentinel refused an indicator");
             if self.report.refusals.len() < REFUSALS_KEPT {
                 self.report.refusals.push(Refusal {
                     mandiant_id: p.mandiant_id.clone(),

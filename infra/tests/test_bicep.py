@@ -3,6 +3,7 @@ vendor's template is there with its default and range, every setting the code re
 (or exempt for a stated reason), secrets are Key Vault references, and DEPLOY.md uses the
 template's real names."""
 
+import json
 import re
 from pathlib import Path
 
@@ -175,3 +176,49 @@ def test_deploy_md_uses_the_real_names(main):
     assert outputs <= set(main["outputs"]), f"unknown outputs: {sorted(outputs - set(main['outputs']))}"
     example = __import__("json").loads((ROOT / "infra" / "main.parameters.json").read_text())
     assert set(example["parameters"]) <= params
+
+
+def summary_event_fields():
+    """The event name and the field names of the summary event in src/telemetry.rs."""
+    text = (ROOT / "src" / "telemetry.rs").read_text()
+    name = re.search(r'pub const SUMMARY_EVENT: &str = "([^"]+)";', text).group(1)
+    body = re.search(r"pub fn summary_event\(.*?\n\}", text, re.S).group(0)
+    fields = set(re.findall(r"^\s+([a-z0-9_]+) = ", body, re.M))
+    return name, fields
+
+
+def queries(main):
+    workbook = json.loads((ROOT / "infra" / "workbook.json").read_text())
+    found = [i["content"]["query"] for i in workbook["items"] if i["type"] == 3]
+    for r in main["resources"].values():
+        if r["type"] == "Microsoft.Insights/scheduledQueryRules":
+            found += [c["query"] for c in r["config"]["properties"]["criteria"]["allOf"]]
+    return found
+
+
+def test_workbook_and_alerts_use_the_events_real_names(main):
+    name, fields = summary_event_fields()
+    assert {"outcome", "uploaded", "refused", "throttled", "duration_ms"} <= fields
+    qs = queries(main)
+    assert len(qs) >= 8
+    for q in qs:
+        for used in re.findall(r'customEvents\s*\|\s*where name == "([^"]+)"', q):
+            assert used == name, f"query names event {used!r}, the code sends {name!r}"
+        if "customEvents" in q:
+            dims = set(re.findall(r"customDimensions\.([A-Za-z0-9_]+)", q))
+            assert dims, q
+            assert dims <= fields, f"unknown fields {sorted(dims - fields)} in: {q}"
+    outcomes = set(re.findall(r'"([a-z_]+)"', (ROOT / "src" / "telemetry.rs").read_text().split("pub fn outcome")[1].split("}")[0]))
+    for q in qs:
+        for used in re.findall(r'customDimensions\.outcome\) == "([a-z_]+)"', q):
+            assert used in outcomes, used
+
+
+def test_the_refusal_trace_query_uses_the_logged_message():
+    workbook = json.loads((ROOT / "infra" / "workbook.json").read_text())
+    q = next(i["content"]["query"] for i in workbook["items"] if i.get("name") == "refusal_messages")
+    message = re.search(r'message == "([^"]+)"', q).group(1)
+    sync = (ROOT / "src" / "sync.rs").read_text()
+    assert f'"{message}"' in sync
+    for dim in re.findall(r"customDimensions\.([a-z_]+)", q):
+        assert f"{dim} = %" in sync, dim
