@@ -18,7 +18,7 @@ use crate::sentinel::{SentinelError, SentinelUploader};
 use crate::state::blob::BlobStore;
 use crate::state::file::FileStore;
 use crate::state::{CHECKPOINT, Checkpoint, StateError, StateStore};
-use crate::sync::{CycleResult, Pipeline, Sink, Source, run_cycle};
+use crate::sync::{CycleResult, Pipeline, Progress, Sink, Source, run_cycle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -112,7 +112,12 @@ impl App {
 
     /// One cycle from Mandiant to Sentinel, within the configured time budget; `stop`
     /// ends it early at the next batch boundary.
-    pub async fn cycle(&self, now: OffsetDateTime, stop: Option<Arc<AtomicBool>>) -> CycleResult {
+    pub async fn cycle(
+        &self,
+        now: OffsetDateTime,
+        stop: Option<Arc<AtomicBool>>,
+        progress: Option<Arc<Progress>>,
+    ) -> CycleResult {
         if self.config.sync.enable_deduplication {
             tracing::warn!(
                 "ENABLE_DEDUPLICATION is set, but workspace reconciliation is not in this build yet; the local dedupe cache still applies"
@@ -126,6 +131,7 @@ impl App {
             source: Source::Mandiant(&self.mati),
             sink: Sink::Sentinel(&self.uploader),
             stop,
+            progress,
         };
         let deadline = tokio::time::Instant::now() + self.config.sync.time_budget;
         run_cycle(&pipeline, now, deadline).await

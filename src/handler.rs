@@ -200,7 +200,7 @@ async fn invoke(app: Arc<App>, body: Bytes) -> (StatusCode, Json<InvokeResponse>
         }
     }
 
-    let result = app.cycle(now, None).await;
+    let result = app.cycle(now, None, None).await;
     let line = summary_line(&result.report);
     let report = serde_json::to_value(&result.report).unwrap_or_default();
     match &result.error {

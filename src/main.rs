@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use time::OffsetDateTime;
 
+use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use mati_sentinel::app::{App, BuildError, build_store, http_client};
@@ -22,7 +23,7 @@ use mati_sentinel::retry::RetryPolicy;
 use mati_sentinel::sentinel::SentinelUploader;
 use mati_sentinel::state::Precondition;
 use mati_sentinel::stix::bundle;
-use mati_sentinel::sync::{CycleReport, Pipeline, Sink, Source, StopReason, run_cycle};
+use mati_sentinel::sync::{CycleReport, Pipeline, Progress, Sink, Source, StopReason, run_cycle};
 use mati_sentinel::telemetry::{self, Telemetry};
 
 #[derive(Parser)]
@@ -81,7 +82,14 @@ fn main() -> ExitCode {
             .filter(|v| {
                 !v.trim().is_empty() && !v.trim_start().starts_with("@Microsoft.KeyVault(")
             });
-        let telemetry = Arc::new(telemetry::init(connection_string.as_deref(), http_client()));
+        // `sync` on a terminal shows progress and a summary; info logs would only interleave.
+        let quiet = matches!(cli.command, Command::Sync { json: false, .. })
+            && std::io::stderr().is_terminal();
+        let telemetry = Arc::new(telemetry::init(
+            connection_string.as_deref(),
+            http_client(),
+            quiet,
+        ));
         let code = match cli.command {
             Command::Sync {
                 dry_run,
@@ -136,7 +144,18 @@ async fn sync(
             Ok(a) => a,
             Err(e) => return build_error(&e),
         };
-        let result = app.cycle(OffsetDateTime::now_utc(), None).await;
+        let display = (!json && std::io::stderr().is_terminal())
+            .then(|| ProgressDisplay::start(Some(app.uploader.limiter())));
+        let result = app
+            .cycle(
+                OffsetDateTime::now_utc(),
+                None,
+                display.as_ref().map(|d| d.progress.clone()),
+            )
+            .await;
+        if let Some(d) = display {
+            d.finish().await;
+        }
         return report_cycle(&result.report, result.error.as_ref(), json, None);
     }
     let store = match build_store(&config.state, config.managed_identity_client_id.as_deref()) {
@@ -211,10 +230,24 @@ async fn sync(
         source,
         sink,
         stop: None,
+        progress: None,
+    };
+    let display = (!json && std::io::stderr().is_terminal()).then(|| {
+        ProgressDisplay::start(match &pipeline.sink {
+            Sink::Sentinel(u) => Some(u.limiter()),
+            Sink::DryRun => None,
+        })
+    });
+    let pipeline = Pipeline {
+        progress: display.as_ref().map(|d| d.progress.clone()),
+        ..pipeline
     };
     let now = OffsetDateTime::now_utc();
     let deadline = tokio::time::Instant::now() + config.sync.time_budget;
     let result = run_cycle(&pipeline, now, deadline).await;
+    if let Some(d) = display {
+        d.finish().await;
+    }
 
     if let Some(path) = &output {
         let text = serde_json::to_string_pretty(&bundle(&result.dry_run_objects, now))
@@ -278,48 +311,136 @@ fn print_summary(r: &CycleReport, output: Option<&std::path::Path>) {
     if r.stop_reason == Some(StopReason::AlreadyRunning) {
         return;
     }
-    println!(
-        "  fetched   {} indicator(s) on {} page(s), {} window(s) completed; {} malformed",
-        r.fetched, r.pages, r.windows_completed, r.malformed
-    );
-    let rejected: Vec<String> = r.rejected.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    println!(
-        "  kept      {}; rejected {}",
-        r.kept,
-        if rejected.is_empty() {
-            "none".to_string()
+    let detail = |parts: Vec<(&str, u64)>| -> String {
+        let parts: Vec<String> = parts
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        if parts.is_empty() {
+            String::new()
         } else {
-            rejected.join(", ")
+            format!("  ({})", parts.join(", "))
         }
-    );
-    println!(
-        "  skipped   {} unchanged in Sentinel, {} repeated in this cycle",
-        r.unchanged, r.duplicates
-    );
-    let verb = if r.dry_run {
-        "would upload"
-    } else {
-        "uploaded"
     };
-    println!(
-        "  {verb:<9} {} ({} extended only) in {} request(s); refused by Sentinel {}",
-        r.uploaded, r.extended, r.upload_requests, r.refused
-    );
+    let rejected: u64 = r.rejected.values().sum();
+    let t = &r.uploaded_by_type;
+    let rows: Vec<(&str, String)> = vec![
+        ("windows", r.windows_completed.to_string()),
+        ("pages", r.pages.to_string()),
+        (
+            "fetched",
+            format!("{}{}", r.fetched, detail(vec![("malformed", r.malformed)])),
+        ),
+        ("kept", r.kept.to_string()),
+        (
+            "rejected",
+            format!(
+                "{rejected}{}",
+                detail(r.rejected.iter().map(|(k, v)| (*k, *v)).collect())
+            ),
+        ),
+        ("unchanged", r.unchanged.to_string()),
+        ("repeated", r.duplicates.to_string()),
+        (
+            if r.dry_run {
+                "would upload"
+            } else {
+                "uploaded"
+            },
+            format!(
+                "{}{}",
+                r.uploaded,
+                detail(vec![
+                    ("ipv4", t.ipv4),
+                    ("fqdn", t.fqdn),
+                    ("url", t.url),
+                    ("hash", t.hash),
+                    ("extended only", r.extended)
+                ])
+            ),
+        ),
+        ("refused", r.refused.to_string()),
+        ("requests", r.upload_requests.to_string()),
+        (
+            "retries",
+            format!("{}{}", r.retries, detail(vec![("throttled", r.throttled)])),
+        ),
+    ];
+    for (k, v) in rows {
+        println!("  {k:<13} {v}");
+    }
     for f in &r.refusals {
         println!(
             "    refused {} ({}): {}",
             f.mandiant_id, f.stix_id, f.message
         );
     }
-    println!("  retries   {} ({} throttled)", r.retries, r.throttled);
     if let Some(c) = &r.checkpoint {
-        println!("  checkpoint {c}");
+        println!("  {:<13} {c}", "checkpoint");
     }
     if let Some(path) = output {
-        println!("  wrote     {}", path.display());
+        println!("  {:<13} {}", "wrote", path.display());
     }
     if let Some(e) = &r.error {
-        println!("  error     {e}");
+        println!("  {:<13} {e}", "error");
+    }
+}
+
+/// Live progress on a terminal: one line on stderr, redrawn four times a second.
+struct ProgressDisplay {
+    progress: Arc<Progress>,
+    done: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ProgressDisplay {
+    fn start(limiter: Option<Arc<SlidingWindow>>) -> Self {
+        let progress = Arc::new(Progress::default());
+        let done = Arc::new(tokio::sync::Notify::new());
+        let (p, d) = (progress.clone(), done.clone());
+        let task = tokio::spawn(async move {
+            let t0 = std::time::Instant::now();
+            loop {
+                let uploaded = p.uploaded.load(Ordering::Relaxed);
+                let minutes = t0.elapsed().as_secs_f64() / 60.0;
+                let rate = if minutes > 0.0 {
+                    uploaded as f64 / minutes
+                } else {
+                    0.0
+                };
+                let waiting = if limiter.as_ref().is_some_and(|l| l.is_waiting()) {
+                    " · waiting on the Sentinel rate limit"
+                } else {
+                    ""
+                };
+                eprint!(
+                    "\r\x1b[2Kpages {} · fetched {} · kept {} · uploaded {} · {:.0}/min{waiting}",
+                    p.pages.load(Ordering::Relaxed),
+                    p.fetched.load(Ordering::Relaxed),
+                    p.kept.load(Ordering::Relaxed),
+                    uploaded,
+                    rate
+                );
+                let _ = std::io::stderr().flush();
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = d.notified() => break,
+                }
+            }
+            eprint!("\r\x1b[2K");
+            let _ = std::io::stderr().flush();
+        });
+        ProgressDisplay {
+            progress,
+            done,
+            task,
+        }
+    }
+
+    async fn finish(self) {
+        self.done.notify_one();
+        let _ = self.task.await;
     }
 }
 
@@ -499,7 +620,7 @@ async fn daemon(telemetry: Arc<Telemetry>) -> u8 {
         let now = OffsetDateTime::now_utc();
         let wait = match app.is_due(now).await {
             Ok(true) => {
-                let result = app.cycle(now, Some(stop.clone())).await;
+                let result = app.cycle(now, Some(stop.clone()), None).await;
                 telemetry.flush().await;
                 let line = summary_line(&result.report);
                 match &result.error {

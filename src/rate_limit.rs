@@ -7,6 +7,7 @@
 //! window old. One limiter is shared by the whole process.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
@@ -19,6 +20,8 @@ pub struct SlidingWindow {
     /// Start times of the last `limit` requests, oldest first. The lock is held while a
     /// caller waits, so waiters are served in order.
     starts: Mutex<VecDeque<Instant>>,
+    /// True while a caller waits for the window to move (shown as progress on a terminal).
+    waiting: AtomicBool,
 }
 
 impl SlidingWindow {
@@ -28,6 +31,7 @@ impl SlidingWindow {
             limit,
             window,
             starts: Mutex::new(VecDeque::with_capacity(limit)),
+            waiting: AtomicBool::new(false),
         }
     }
 
@@ -36,12 +40,21 @@ impl SlidingWindow {
         Self::new(100, Duration::from_secs(60))
     }
 
+    /// Whether a request is waiting for the window to move right now.
+    pub fn is_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
     /// Waits until one more request fits, and counts it.
     pub async fn acquire(&self) {
         let mut starts = self.starts.lock().await;
         if starts.len() == self.limit {
             let oldest = *starts.front().expect("full queue");
-            tokio::time::sleep_until(oldest + self.window).await;
+            if oldest + self.window > Instant::now() {
+                self.waiting.store(true, Ordering::Relaxed);
+                tokio::time::sleep_until(oldest + self.window).await;
+                self.waiting.store(false, Ordering::Relaxed);
+            }
             starts.pop_front();
         }
         starts.push_back(Instant::now());

@@ -211,6 +211,11 @@ impl SentinelUploader {
         self.api
     }
 
+    /// The process-wide limiter, for a progress display (is anyone waiting on it?).
+    pub fn limiter(&self) -> Arc<SlidingWindow> {
+        self.limiter.clone()
+    }
+
     /// A bearer token; `fresh` rebuilds the credential so its cache cannot return the
     /// token Sentinel just refused.
     pub async fn token(&self, fresh: bool) -> Result<String, SentinelError> {

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -122,6 +122,24 @@ impl UploadedByType {
     }
 }
 
+/// Live counts of a running cycle, for a progress display.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub pages: AtomicU64,
+    pub fetched: AtomicU64,
+    pub kept: AtomicU64,
+    pub uploaded: AtomicU64,
+}
+
+impl Progress {
+    fn update(&self, r: &CycleReport) {
+        self.pages.store(r.pages, Ordering::Relaxed);
+        self.fetched.store(r.fetched, Ordering::Relaxed);
+        self.kept.store(r.kept, Ordering::Relaxed);
+        self.uploaded.store(r.uploaded, Ordering::Relaxed);
+    }
+}
+
 /// A kept indicator, mapped and judged against the cache.
 #[derive(Clone, Debug)]
 pub struct Planned {
@@ -210,6 +228,8 @@ pub struct Pipeline<'a> {
     pub sink: Sink<'a>,
     /// Set by a signal handler: the cycle stops at the next batch boundary, state saved.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Updated as pages and batches complete, when someone shows progress.
+    pub progress: Option<Arc<Progress>>,
 }
 
 pub struct CycleResult {
@@ -294,6 +314,7 @@ impl Run<'_> {
             let n = room.min(self.pending.len());
             let batch: Vec<Planned> = self.pending.drain(..n).collect();
             self.send(batch).await?;
+            self.show_progress();
         }
     }
 
@@ -418,7 +439,14 @@ impl Run<'_> {
             &mut self.report,
         );
         self.enqueue(planned);
+        self.show_progress();
         self.flush(false).await
+    }
+
+    fn show_progress(&self) {
+        if let Some(p) = &self.p.progress {
+            p.update(&self.report);
+        }
     }
 
     /// Pages through a window from its first page.

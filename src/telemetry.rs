@@ -33,15 +33,17 @@ pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
-fn default_filter() -> EnvFilter {
+fn default_filter(level: &str) -> EnvFilter {
     EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| {
-        EnvFilter::new("info,azure_core=warn,azure_identity=warn,azure_storage_blob=warn,hyper=warn,reqwest=warn,opentelemetry=warn")
+        EnvFilter::new(format!("{level},azure_core=warn,azure_identity=warn,azure_storage_blob=warn,hyper=warn,reqwest=warn,opentelemetry=warn"))
     })
 }
 
 /// Installs the global subscriber. An invalid connection string is reported and telemetry
-/// continues without the exporter: logs must never depend on it.
-pub fn init(connection_string: Option<&str>, http: reqwest::Client) -> Telemetry {
+/// continues without the exporter: logs must never depend on it. `quiet` lowers the default
+/// level to warnings (for `sync` on a terminal, where the progress line and the summary say
+/// the rest); `RUST_LOG` still wins.
+pub fn init(connection_string: Option<&str>, http: reqwest::Client, quiet: bool) -> Telemetry {
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"))
         || !std::io::stderr().is_terminal();
     let not_summary = filter_fn(|m| m.target() != SUMMARY_TARGET);
@@ -90,7 +92,7 @@ pub fn init(connection_string: Option<&str>, http: reqwest::Client) -> Telemetry
     tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
-        .with(default_filter())
+        .with(default_filter(if quiet { "warn" } else { "info" }))
         .init();
     if let Some(p) = problem {
         tracing::warn!(error = %p, "APPLICATIONINSIGHTS_CONNECTION_STRING is not usable; continuing without Application Insights");
