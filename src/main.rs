@@ -17,12 +17,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use mati_sentinel::app::{App, BuildError, build_store, http_client};
 use mati_sentinel::config::{Config, ConfigError, Needs};
 use mati_sentinel::handler::{HandlerState, router, summary_line};
-use mati_sentinel::mati::{MatiClient, pages_from_json};
+use mati_sentinel::mati::{MatiClient, PageReader};
 use mati_sentinel::rate_limit::SlidingWindow;
 use mati_sentinel::retry::RetryPolicy;
 use mati_sentinel::sentinel::SentinelUploader;
 use mati_sentinel::state::Precondition;
-use mati_sentinel::stix::bundle;
+use mati_sentinel::stix::{BUNDLE_END, bundle_start};
 use mati_sentinel::sync::{CycleReport, Pipeline, Progress, Sink, Source, StopReason, run_cycle};
 use mati_sentinel::telemetry::{self, Telemetry};
 
@@ -166,28 +166,16 @@ async fn sync(
 
     let mati;
     let source = match &from_file {
-        Some(path) => {
-            let bytes = match std::fs::read(path) {
-                Ok(b) => b,
-                Err(e) => {
-                    eprintln!(
-                        "mati-sentinel: cannot read --from-file {}: {e}",
-                        path.display()
-                    );
-                    return EXIT_CONFIG;
-                }
-            };
-            match pages_from_json(&bytes) {
-                Ok(pages) => Source::Pages(pages),
-                Err(e) => {
-                    eprintln!(
-                        "mati-sentinel: --from-file {} is not a /v4/indicator response or an array of them: {e}",
-                        path.display()
-                    );
-                    return EXIT_CONFIG;
-                }
+        Some(path) => match std::fs::File::open(path) {
+            Ok(file) => Source::File(std::sync::Mutex::new(PageReader::new(Box::new(file)))),
+            Err(e) => {
+                eprintln!(
+                    "mati-sentinel: cannot read --from-file {}: {e}",
+                    path.display()
+                );
+                return EXIT_CONFIG;
             }
-        }
+        },
         None => {
             let mc = config
                 .mati
@@ -198,9 +186,36 @@ async fn sync(
         }
     };
 
+    let now = OffsetDateTime::now_utc();
+    // The bundle is written as the cycle goes: opened here, one object per accepted batch,
+    // closed after the cycle.
+    let writer: Option<std::sync::Mutex<std::io::BufWriter<std::fs::File>>> = match &output {
+        None => None,
+        Some(path) => {
+            let opened = std::fs::File::create(path).and_then(|f| {
+                let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+                w.write_all(bundle_start(now).as_bytes())?;
+                Ok(w)
+            });
+            match opened {
+                Ok(w) => Some(std::sync::Mutex::new(w)),
+                Err(e) => {
+                    eprintln!(
+                        "mati-sentinel: cannot write --output {}: {e}",
+                        path.display()
+                    );
+                    return EXIT_FAILED;
+                }
+            }
+        }
+    };
     let uploader;
     let sink = if dry_run {
-        Sink::DryRun
+        Sink::DryRun(
+            writer
+                .as_ref()
+                .map(|w| w as &std::sync::Mutex<dyn std::io::Write + Send>),
+        )
     } else {
         let sc = config
             .sentinel
@@ -235,24 +250,31 @@ async fn sync(
     let display = (!json && std::io::stderr().is_terminal()).then(|| {
         ProgressDisplay::start(match &pipeline.sink {
             Sink::Sentinel(u) => Some(u.limiter()),
-            Sink::DryRun => None,
+            Sink::DryRun(_) => None,
         })
     });
     let pipeline = Pipeline {
         progress: display.as_ref().map(|d| d.progress.clone()),
         ..pipeline
     };
-    let now = OffsetDateTime::now_utc();
     let deadline = tokio::time::Instant::now() + config.sync.time_budget;
     let result = run_cycle(&pipeline, now, deadline).await;
     if let Some(d) = display {
         d.finish().await;
     }
 
-    if let Some(path) = &output {
-        let text = serde_json::to_string_pretty(&bundle(&result.dry_run_objects, now))
-            .expect("a bundle serialises");
-        if let Err(e) = std::fs::write(path, text + "\n") {
+    drop(pipeline);
+    if let (Some(w), Some(path)) = (writer, &output) {
+        let closed = w
+            .into_inner()
+            .expect("dry-run output")
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|mut f| {
+                f.write_all(BUNDLE_END.as_bytes())?;
+                f.sync_all()
+            });
+        if let Err(e) = closed {
             eprintln!(
                 "mati-sentinel: cannot write --output {}: {e}",
                 path.display()

@@ -131,13 +131,164 @@ pub fn decode_indicator(raw: &RawValue) -> Option<MatiIndicator> {
     serde_json::from_str(raw.get()).ok()
 }
 
-/// Reads a saved `/v4/indicator` response, or a JSON array of them, as pages.
-pub fn pages_from_json(bytes: &[u8]) -> Result<Vec<MatiPage>, serde_json::Error> {
-    // Decided by the first byte: serde's untagged enums cannot hold raw values.
-    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'[') => serde_json::from_slice(bytes),
-        _ => serde_json::from_slice(bytes).map(|p: MatiPage| vec![p]),
+/// Reads a saved `/v4/indicator` response, or a JSON array of them, one page at a time, so
+/// a large file is never held whole: only the page being read is in memory.
+pub struct PageReader<R> {
+    input: std::io::BufReader<R>,
+    /// Bytes consumed so far, for error messages.
+    offset: u64,
+    state: ReaderState,
+    buf: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReaderState {
+    Start,
+    InArray,
+    Done,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PageReadError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a /v4/indicator response or an array of them (at byte {offset}): {reason}")]
+    Format { offset: u64, reason: String },
+}
+
+impl<R: std::io::Read> PageReader<R> {
+    pub fn new(input: R) -> Self {
+        PageReader {
+            input: std::io::BufReader::with_capacity(1 << 20, input),
+            offset: 0,
+            state: ReaderState::Start,
+            buf: Vec::new(),
+        }
     }
+
+    fn format(&self, reason: impl Into<String>) -> PageReadError {
+        PageReadError::Format {
+            offset: self.offset,
+            reason: reason.into(),
+        }
+    }
+
+    fn peek(&mut self) -> Result<Option<u8>, PageReadError> {
+        use std::io::BufRead;
+        loop {
+            let buf = self.input.fill_buf()?;
+            let Some(pos) = buf.iter().position(|b| !b.is_ascii_whitespace()) else {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = buf.len();
+                self.input.consume(n);
+                self.offset += n as u64;
+                continue;
+            };
+            let b = buf[pos];
+            self.input.consume(pos);
+            self.offset += pos as u64;
+            return Ok(Some(b));
+        }
+    }
+
+    fn bump(&mut self) {
+        use std::io::BufRead;
+        self.input.consume(1);
+        self.offset += 1;
+    }
+
+    /// Copies one JSON object (from its `{` to the matching `}`) into `self.buf`, tracking
+    /// strings and escapes so braces inside values do not count.
+    fn read_object(&mut self) -> Result<(), PageReadError> {
+        use std::io::BufRead;
+        self.buf.clear();
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        loop {
+            let chunk = self.input.fill_buf()?;
+            if chunk.is_empty() {
+                return Err(self.format("the file ends inside a page"));
+            }
+            let mut end = None;
+            for (i, &b) in chunk.iter().enumerate() {
+                if in_string {
+                    match (escaped, b) {
+                        (true, _) => escaped = false,
+                        (false, b'\\') => escaped = true,
+                        (false, b'"') => in_string = false,
+                        _ => {}
+                    }
+                    continue;
+                }
+                match b {
+                    b'"' => in_string = true,
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            end = Some(i + 1);
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let take = end.unwrap_or(chunk.len());
+            self.buf.extend_from_slice(&chunk[..take]);
+            self.input.consume(take);
+            self.offset += take as u64;
+            if end.is_some() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The next page, or `None` at the end of the file.
+    pub fn next_page(&mut self) -> Result<Option<MatiPage>, PageReadError> {
+        loop {
+            match (self.state, self.peek()?) {
+                (ReaderState::Done, None) => return Ok(None),
+                (ReaderState::Done, Some(_)) => {
+                    return Err(self.format("unexpected data after the end"));
+                }
+                (ReaderState::Start, Some(b'[')) => {
+                    self.bump();
+                    self.state = ReaderState::InArray;
+                }
+                (ReaderState::Start, Some(b'{')) => {
+                    self.state = ReaderState::Done;
+                    break;
+                }
+                (ReaderState::InArray, Some(b',')) => self.bump(),
+                (ReaderState::InArray, Some(b']')) => {
+                    self.bump();
+                    self.state = ReaderState::Done;
+                }
+                (ReaderState::InArray, Some(b'{')) => break,
+                (_, None) => return Err(self.format("the file ends early")),
+                (_, Some(b)) => {
+                    return Err(
+                        self.format(format!("expected a page object, found {:?}", b as char))
+                    );
+                }
+            }
+        }
+        self.read_object()?;
+        let page = serde_json::from_slice::<MatiPage>(&self.buf)
+            .map_err(|e| self.format(format!("a page does not parse: {e}")))?;
+        Ok(Some(page))
+    }
+}
+
+/// All pages of a saved response held in memory (small inputs and tests).
+pub fn pages_from_json(bytes: &[u8]) -> Result<Vec<MatiPage>, PageReadError> {
+    let mut reader = PageReader::new(bytes);
+    let mut pages = Vec::new();
+    while let Some(p) = reader.next_page()? {
+        pages.push(p);
+    }
+    Ok(pages)
 }
 
 /// Parses Mandiant's timestamps: `2023-01-26T01:34:25.607Z`, `2022-12-24T13:09:51.000+0000`
@@ -608,6 +759,26 @@ mod tests {
             2
         );
         assert!(pages_from_json(b"[1,2]").is_err());
+        assert!(
+            pages_from_json(br#"[{"indicators":[]}"#).is_err(),
+            "unterminated array"
+        );
+        assert!(
+            pages_from_json(br#"{"indicators":[{"id":"a"#).is_err(),
+            "truncated page"
+        );
+        assert!(
+            pages_from_json(br#"{"indicators":[]} {}"#).is_err(),
+            "trailing data"
+        );
+        // Braces and brackets inside strings do not end a page.
+        let tricky =
+            br#"[ {"indicators":[{"id":"u","type":"url","value":"http://x/{]}\"[{"}],"next":"n"} ,
+            {"indicators":[]} ]"#;
+        let pages = pages_from_json(tricky).unwrap();
+        assert_eq!(pages.len(), 2);
+        let i = decode_indicator(&pages[0].indicators[0]).unwrap();
+        assert_eq!(i.value, "http://x/{]}\"[{");
     }
 
     #[test]

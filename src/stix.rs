@@ -285,20 +285,18 @@ pub fn identity() -> serde_json::Value {
     })
 }
 
-/// A STIX bundle of the identity and the indicators (the dry run's output).
-pub fn bundle(indicators: &[StixIndicator], now: OffsetDateTime) -> serde_json::Value {
-    let mut objects = vec![identity()];
-    objects.extend(
-        indicators
-            .iter()
-            .map(|i| serde_json::to_value(i).expect("a STIX indicator serialises")),
-    );
-    serde_json::json!({
-        "type": "bundle",
-        "id": format!("bundle--{}", derive_uuid("bundle", &format_timestamp(now))),
-        "objects": objects,
-    })
+/// The opening of a STIX bundle, up to and including the Mandiant identity; indicators follow,
+/// each preceded by `,\n`, and [`BUNDLE_END`] closes it. Written piece by piece, so a dry run
+/// over a large feed never holds its output.
+pub fn bundle_start(now: OffsetDateTime) -> String {
+    format!(
+        "{{\"type\":\"bundle\",\"id\":\"bundle--{}\",\"objects\":[\n{}",
+        derive_uuid("bundle", &format_timestamp(now)),
+        identity()
+    )
 }
+
+pub const BUNDLE_END: &str = "\n]}\n";
 
 #[cfg(test)]
 mod tests {

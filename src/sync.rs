@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::config::{PolicyConfig, StixConfig, SyncConfig, UploadApi};
 use crate::dedupe::{Decision, DedupeCache, Entry, derived_uuid, uuid_bytes};
-use crate::mati::{MatiClient, MatiError, MatiPage, WindowQuery, decode_indicator};
+use crate::mati::{MatiClient, MatiError, MatiPage, PageReader, WindowQuery, decode_indicator};
 use crate::policy::evaluate;
 use crate::retry::OutOfTime;
 use crate::sentinel::{MAX_BATCH, SentinelError, SentinelUploader};
@@ -205,18 +205,24 @@ pub fn plan_page(
     out
 }
 
+/// A saved feed, read page by page.
+pub type FileReader = std::sync::Mutex<PageReader<Box<dyn std::io::Read + Send>>>;
+
 /// Where indicators come from.
 pub enum Source<'a> {
     Mandiant(&'a MatiClient),
     /// Saved pages (`--from-file`): one pass, no time windows, the checkpoint untouched.
-    Pages(Vec<MatiPage>),
+    File(FileReader),
 }
+
+/// Where a dry run writes the objects it would send: each as `,\n` and one JSON object.
+pub type DryRunOutput<'a> = &'a std::sync::Mutex<dyn std::io::Write + Send>;
 
 /// Where they go.
 pub enum Sink<'a> {
     Sentinel(&'a SentinelUploader),
-    /// Collect what would be sent; change no state.
-    DryRun,
+    /// Send nothing and change no state; write the objects out when asked to.
+    DryRun(Option<DryRunOutput<'a>>),
 }
 
 pub struct Pipeline<'a> {
@@ -234,8 +240,6 @@ pub struct Pipeline<'a> {
 
 pub struct CycleResult {
     pub report: CycleReport,
-    /// The objects a dry run would send.
-    pub dry_run_objects: Vec<StixIndicator>,
     pub error: Option<anyhow::Error>,
 }
 
@@ -252,7 +256,6 @@ struct Run<'a> {
     pending: Vec<Planned>,
     identity_sent: bool,
     report: CycleReport,
-    dry_run_objects: Vec<StixIndicator>,
 }
 
 enum Flow {
@@ -334,13 +337,23 @@ impl Run<'_> {
 
     async fn send(&mut self, batch: Vec<Planned>) -> anyhow::Result<()> {
         let uploader = match self.p.sink {
-            Sink::DryRun => {
+            Sink::DryRun(output) => {
                 self.report.uploaded += batch.len() as u64;
                 for p in &batch {
                     self.report.uploaded_by_type.count(&p.stix.pattern);
                 }
-                self.dry_run_objects
-                    .extend(batch.into_iter().map(|p| p.stix));
+                if let Some(out) = output {
+                    let mut text = String::new();
+                    for p in &batch {
+                        text.push_str(",\n");
+                        text.push_str(&serde_json::to_string(&p.stix)?);
+                    }
+                    use anyhow::Context;
+                    out.lock()
+                        .expect("dry-run output")
+                        .write_all(text.as_bytes())
+                        .context("writing the dry run's output")?;
+                }
                 return Ok(());
             }
             Sink::Sentinel(u) => u,
@@ -405,7 +418,7 @@ impl Run<'_> {
     }
 
     async fn save_cache(&mut self) -> anyhow::Result<()> {
-        if !self.cache_dirty || matches!(self.p.sink, Sink::DryRun) {
+        if !self.cache_dirty || matches!(self.p.sink, Sink::DryRun(_)) {
             return Ok(());
         }
         let bytes = self.cache.encode();
@@ -475,7 +488,7 @@ pub async fn run_cycle(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instant)
             UploadApi::StixObjects => "stix-objects",
             UploadApi::UploadIndicators => "upload-indicators",
         },
-        Sink::DryRun => "dry-run",
+        Sink::DryRun(_) => "dry-run",
     };
     let span = tracing::info_span!("sync_cycle", otel.kind = "internal", api);
     async {
@@ -489,7 +502,7 @@ pub async fn run_cycle(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instant)
 
 async fn cycle_with_lock(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instant) -> CycleResult {
     let started = Instant::now();
-    let dry_run = matches!(p.sink, Sink::DryRun);
+    let dry_run = matches!(p.sink, Sink::DryRun(_));
     let lock = if dry_run {
         None
     } else {
@@ -502,7 +515,6 @@ async fn cycle_with_lock(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instan
                 };
                 return CycleResult {
                     report,
-                    dry_run_objects: Vec::new(),
                     error: None,
                 };
             }
@@ -513,7 +525,6 @@ async fn cycle_with_lock(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instan
                         error: Some(format!("{e}")),
                         ..Default::default()
                     },
-                    dry_run_objects: Vec::new(),
                     error: Some(anyhow::Error::new(e).context("taking the state lock")),
                 };
             }
@@ -535,7 +546,6 @@ async fn cycle_with_lock(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instan
             dry_run,
             ..Default::default()
         },
-        dry_run_objects: Vec::new(),
     };
     set_deadlines(p, Some(deadline));
     let result = match cycle_body(&mut run).await {
@@ -576,11 +586,7 @@ async fn cycle_with_lock(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instan
             Some(e)
         }
     };
-    CycleResult {
-        report,
-        dry_run_objects: run.dry_run_objects,
-        error,
-    }
+    CycleResult { report, error }
 }
 
 fn set_deadlines(p: &Pipeline<'_>, deadline: Option<Instant>) {
@@ -625,9 +631,15 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
 
     let now_unix = run.now.unix_timestamp();
     let client = match &p.source {
-        Source::Pages(pages) => {
-            for page in pages {
-                if let Flow::OutOfTime = run.handle_page(page).await? {
+        Source::File(reader) => {
+            loop {
+                let page = reader
+                    .lock()
+                    .expect("page reader")
+                    .next_page()
+                    .context("reading --from-file")?;
+                let Some(page) = page else { break };
+                if let Flow::OutOfTime = run.handle_page(&page).await? {
                     run.save_cache().await.context("saving the dedupe cache")?;
                     return Ok(run.early_stop_reason());
                 }
@@ -678,7 +690,7 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
         }
         // The window is in Sentinel: save the cache first, then move the checkpoint.
         run.save_cache().await.context("saving the dedupe cache")?;
-        if !matches!(p.sink, Sink::DryRun) {
+        if !matches!(p.sink, Sink::DryRun(_)) {
             let cp = Checkpoint {
                 format: Checkpoint::FORMAT,
                 window_start: end,
@@ -769,7 +781,7 @@ async fn stop_for_budget(
     use anyhow::Context;
     tracing::info!("time budget reached; stopping between batches");
     run.save_cache().await.context("saving the dedupe cache")?;
-    if !matches!(run.p.sink, Sink::DryRun) {
+    if !matches!(run.p.sink, Sink::DryRun(_)) {
         let cp = Checkpoint {
             format: Checkpoint::FORMAT,
             // The overlap is subtracted again on resume; add it here so a resumed window
@@ -797,7 +809,7 @@ async fn finish(
     run.save_cache().await.context("saving the dedupe cache")?;
     run.report.cache_entries = run.cache.len() as u64;
     if let (Some(version), Some(start)) = (version, window_start)
-        && !matches!(run.p.sink, Sink::DryRun)
+        && !matches!(run.p.sink, Sink::DryRun(_))
     {
         let cp = Checkpoint {
             format: Checkpoint::FORMAT,
