@@ -100,26 +100,68 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
-/// A page, with the indicators still raw so each can fail to decode on its own.
-#[derive(Debug, Deserialize)]
+/// A page. The indicators stay undecoded text inside the page's own buffer (one allocation
+/// per page, not one per indicator), so each can fail to decode on its own.
+#[derive(Debug)]
 pub struct MatiPage {
-    #[serde(default)]
-    pub indicators: Vec<Box<RawValue>>,
-    #[serde(default)]
+    text: String,
+    spans: Vec<std::ops::Range<usize>>,
     pub next: Option<String>,
 }
 
 impl MatiPage {
     pub fn empty() -> Self {
         MatiPage {
-            indicators: Vec::new(),
+            text: String::new(),
+            spans: Vec::new(),
             next: None,
         }
     }
 
+    /// Parses a page body: `{"indicators": [...], "next": "..."}`.
+    pub fn parse(body: Vec<u8>) -> Result<Self, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct Borrowed<'a> {
+            #[serde(borrow, default)]
+            indicators: Vec<&'a RawValue>,
+            #[serde(default)]
+            next: Option<String>,
+        }
+        let text = String::from_utf8(body).map_err(|e| {
+            <serde_json::Error as serde::de::Error>::custom(format!("the page is not UTF-8: {e}"))
+        })?;
+        let (spans, next) = {
+            let page: Borrowed<'_> = serde_json::from_str(&text)?;
+            let base = text.as_ptr() as usize;
+            let spans = page
+                .indicators
+                .iter()
+                .map(|r| {
+                    let start = r.get().as_ptr() as usize - base;
+                    start..start + r.get().len()
+                })
+                .collect();
+            (spans, page.next)
+        };
+        Ok(MatiPage { text, spans, next })
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// The raw JSON of each indicator.
+    pub fn indicators(&self) -> impl ExactSizeIterator<Item = &str> {
+        self.spans.iter().map(|r| &self.text[r.clone()])
+    }
+
     /// The cursor of the following page, if there is one.
     pub fn next_cursor(&self) -> Option<&str> {
-        if self.indicators.is_empty() {
+        if self.is_empty() {
             return None;
         }
         self.next.as_deref().filter(|n| !n.trim().is_empty())
@@ -127,8 +169,8 @@ impl MatiPage {
 }
 
 /// Decodes one raw indicator; `None` when it is malformed.
-pub fn decode_indicator(raw: &RawValue) -> Option<MatiIndicator> {
-    serde_json::from_str(raw.get()).ok()
+pub fn decode_indicator(raw: &str) -> Option<MatiIndicator> {
+    serde_json::from_str(raw).ok()
 }
 
 /// Reads a saved `/v4/indicator` response, or a JSON array of them, one page at a time, so
@@ -275,7 +317,7 @@ impl<R: std::io::Read> PageReader<R> {
             }
         }
         self.read_object()?;
-        let page = serde_json::from_slice::<MatiPage>(&self.buf)
+        let page = MatiPage::parse(std::mem::take(&mut self.buf))
             .map_err(|e| self.format(format!("a page does not parse: {e}")))?;
         Ok(Some(page))
     }
@@ -576,7 +618,7 @@ impl MatiClient {
                 Answer::NoContent => return Ok(MatiPage::empty()),
                 Answer::Body(b) => b,
             };
-            match serde_json::from_slice::<MatiPage>(&body) {
+            match MatiPage::parse(body) {
                 Ok(page) => return Ok(page),
                 Err(e) => {
                     last = format!("the answer is not a valid page ({e})");
@@ -725,13 +767,13 @@ mod tests {
 
     #[test]
     fn malformed_indicators_fail_alone() {
-        let page: MatiPage = serde_json::from_str(
-            r#"{"indicators":[{"id":"ipv4--1","type":"ipv4","value":"1.2.3.4"},{"id":5},"x"],"next":"abc"}"#,
+        let page = MatiPage::parse(
+            r#"{"indicators":[{"id":"ipv4--1","type":"ipv4","value":"1.2.3.4"},{"id":5},"x"],"next":"abc"}"#
+                .into(),
         )
         .unwrap();
         let decoded: Vec<bool> = page
-            .indicators
-            .iter()
+            .indicators()
             .map(|r| decode_indicator(r).is_some())
             .collect();
         assert_eq!(decoded, vec![true, false, false]);
@@ -740,12 +782,11 @@ mod tests {
 
     #[test]
     fn the_end_of_data_is_no_next_or_an_empty_list() {
-        let last: MatiPage = serde_json::from_str(r#"{"indicators":[{"a":1}]}"#).unwrap();
+        let last = MatiPage::parse(r#"{"indicators":[{"a":1}]}"#.into()).unwrap();
         assert_eq!(last.next_cursor(), None);
-        let empty: MatiPage = serde_json::from_str(r#"{"indicators":[],"next":"x"}"#).unwrap();
+        let empty = MatiPage::parse(r#"{"indicators":[],"next":"x"}"#.into()).unwrap();
         assert_eq!(empty.next_cursor(), None);
-        let blank: MatiPage =
-            serde_json::from_str(r#"{"indicators":[{"a":1}],"next":""}"#).unwrap();
+        let blank = MatiPage::parse(r#"{"indicators":[{"a":1}],"next":""}"#.into()).unwrap();
         assert_eq!(blank.next_cursor(), None);
     }
 
@@ -777,7 +818,7 @@ mod tests {
             {"indicators":[]} ]"#;
         let pages = pages_from_json(tricky).unwrap();
         assert_eq!(pages.len(), 2);
-        let i = decode_indicator(&pages[0].indicators[0]).unwrap();
+        let i = decode_indicator(pages[0].indicators().next().unwrap()).unwrap();
         assert_eq!(i.value, "http://x/{]}\"[{");
     }
 

@@ -5,13 +5,11 @@
 //! pattern is one comparison whose quoted value round-trips to the observable's value;
 //! timestamps are RFC 3339 UTC with milliseconds and `created <= modified`.
 
-use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
-use crate::config::{HashType, StixConfig};
+use crate::config::{Action, HashType, StixConfig};
 use crate::mati::{MatiIndicator, parse_timestamp};
 use crate::policy::{Observable, ObservableKind, categories};
 
@@ -21,49 +19,99 @@ pub const EXTENSION_ID: &str = "extension-definition--5b3c9e4e-6f1d-4c57-9a0e-2d
 pub const IDENTITY_ID: &str = "identity--7a8c5d1e-3b2f-4e6a-9c0d-1f2e3d4c5b6a";
 const IDENTITY_CREATED: &str = "2013-01-01T00:00:00.000Z";
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ExternalReference {
-    pub source_name: String,
+    pub source_name: &'static str,
     pub external_id: String,
     pub url: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct MandiantExtension {
-    pub extension_type: String,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub extension_type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mscore: Option<u8>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub threat_score: Option<u8>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub severity: Option<String>,
-    pub action: String,
+    pub action: &'static str,
     pub passive_only: bool,
 }
 
-/// Our STIX 2.1 indicator; field order is the order on the wire.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// `extensions`: our one property extension, under its fixed definition id.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Extensions {
+    #[serde(rename = "extension-definition--5b3c9e4e-6f1d-4c57-9a0e-2d7f4b1c8a31")]
+    pub mandiant: MandiantExtension,
+}
+
+/// Our STIX 2.1 indicator; field order is the order on the wire. Fixed values are static
+/// strings: a feed of a million indicators should not allocate them a million times.
+#[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct StixIndicator {
     #[serde(rename = "type")]
-    pub kind: String,
-    pub spec_version: String,
+    pub kind: &'static str,
+    pub spec_version: &'static str,
     pub id: String,
     pub created: String,
     pub modified: String,
-    pub created_by_ref: String,
+    pub created_by_ref: &'static str,
     pub name: String,
     pub description: String,
-    pub indicator_types: Vec<String>,
+    pub indicator_types: [&'static str; 1],
     pub pattern: String,
-    pub pattern_type: String,
-    pub pattern_version: String,
+    pub pattern_type: &'static str,
+    pub pattern_version: &'static str,
     pub valid_from: String,
     pub valid_until: String,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub confidence: Option<u8>,
     pub labels: Vec<String>,
-    pub external_references: Vec<ExternalReference>,
-    pub extensions: BTreeMap<String, MandiantExtension>,
+    pub external_references: [ExternalReference; 1],
+    pub extensions: Extensions,
+}
+
+/// The timestamps every object of one cycle shares, formatted once.
+#[derive(Clone, Debug)]
+pub struct Clock {
+    pub now: OffsetDateTime,
+    now_text: String,
+    /// `valid_until` text and Unix seconds for ipv4, domain, url, file.
+    until: [(String, i64); 4],
+}
+
+impl Clock {
+    pub fn new(now: OffsetDateTime, c: &StixConfig) -> Self {
+        let until = |days: u32| {
+            let t = now + Duration::days(days.into());
+            (format_timestamp(t), t.unix_timestamp())
+        };
+        Clock {
+            now,
+            now_text: format_timestamp(now),
+            until: [
+                until(c.ipv4_days),
+                until(c.fqdn_days),
+                until(c.url_days),
+                until(c.hash_days),
+            ],
+        }
+    }
+
+    fn until(&self, kind: ObservableKind) -> &(String, i64) {
+        &self.until[match kind {
+            ObservableKind::Ipv4 => 0,
+            ObservableKind::Domain => 1,
+            ObservableKind::Url => 2,
+            ObservableKind::File(_) => 3,
+        }]
+    }
+
+    /// `valid_until` of an indicator of this kind uploaded now, as Unix seconds.
+    pub fn valid_until_unix(&self, kind: ObservableKind) -> i64 {
+        self.until(kind).1
+    }
 }
 
 /// STIX timestamp: UTC, exactly three fraction digits (the validator requires milliseconds).
@@ -146,23 +194,21 @@ pub fn valid_until(kind: ObservableKind, c: &StixConfig, now: OffsetDateTime) ->
     now + Duration::days(days.into())
 }
 
-/// The STIX object for a kept indicator, as uploaded at `now`.
+/// The STIX object for a kept indicator, as uploaded at `clock.now`.
 pub fn to_stix(
     ind: &MatiIndicator,
     obs: &Observable,
     c: &StixConfig,
-    now: OffsetDateTime,
+    clock: &Clock,
 ) -> StixIndicator {
-    let now_s = format_timestamp(now);
     // A first_seen in the future (clock skew) would make created > modified, which STIX forbids.
     let created = ind
         .first_seen
         .as_deref()
         .and_then(parse_timestamp)
-        .filter(|t| *t <= now)
+        .filter(|t| *t <= clock.now)
         .map(format_timestamp)
-        .unwrap_or_else(|| now_s.clone());
-    let valid_until = format_timestamp(valid_until(obs.kind, c, now));
+        .unwrap_or_else(|| clock.now_text.clone());
 
     let mut labels: Vec<String> = categories(ind).into_iter().collect();
     let mut attributed: Vec<&str> = Vec::new();
@@ -177,7 +223,14 @@ pub fn to_stix(
             labels.push((*name).to_string());
         }
     }
-    labels.push(format!("action:{}", c.action.as_str()));
+    labels.push(
+        match c.action {
+            Action::Alert => "action:alert",
+            Action::Block => "action:block",
+            Action::Allow => "action:allow",
+        }
+        .to_string(),
+    );
     if c.passive_only {
         labels.push("passive-only".into());
     }
@@ -192,80 +245,87 @@ pub fn to_stix(
         None => "Mandiant threat score unknown".to_string(),
     };
     if let Some(sev) = &severity {
-        description.push_str(&format!(", severity {sev}"));
+        description.push_str(", severity ");
+        description.push_str(sev);
     }
     if !attributed.is_empty() {
-        description.push_str(&format!("; attributed to {}", attributed.join(", ")));
+        description.push_str("; attributed to ");
+        description.push_str(&attributed.join(", "));
     }
 
-    let mut extensions = BTreeMap::new();
-    extensions.insert(
-        EXTENSION_ID.to_string(),
-        MandiantExtension {
-            extension_type: "property-extension".into(),
-            mscore: ind.mscore,
-            threat_score,
-            severity,
-            action: c.action.as_str().into(),
-            passive_only: c.passive_only,
-        },
-    );
-
     StixIndicator {
-        kind: "indicator".into(),
-        spec_version: "2.1".into(),
+        kind: "indicator",
+        spec_version: "2.1",
         id: indicator_id(&ind.id),
         created,
-        modified: now_s.clone(),
-        created_by_ref: IDENTITY_ID.into(),
+        modified: clock.now_text.clone(),
+        created_by_ref: IDENTITY_ID,
         name: obs.value.clone(),
         description,
-        indicator_types: vec!["malicious-activity".into()],
+        indicator_types: ["malicious-activity"],
         pattern: pattern(obs),
-        pattern_type: "stix".into(),
-        pattern_version: "2.1".into(),
-        valid_from: now_s,
-        valid_until,
+        pattern_type: "stix",
+        pattern_version: "2.1",
+        valid_from: clock.now_text.clone(),
+        valid_until: clock.until(obs.kind).0.clone(),
         confidence: ind.mscore,
         labels,
-        external_references: vec![ExternalReference {
-            source_name: "Mandiant".into(),
+        external_references: [ExternalReference {
+            source_name: "Mandiant",
             external_id: ind.id.clone(),
             url: format!("https://advantage.mandiant.com/indicator/{}", ind.id),
         }],
-        extensions,
+        extensions: Extensions {
+            mandiant: MandiantExtension {
+                extension_type: "property-extension",
+                mscore: ind.mscore,
+                threat_score,
+                severity,
+                action: c.action.as_str(),
+                passive_only: c.passive_only,
+            },
+        },
     }
 }
 
 /// A digest of everything but the timestamps: when it changes, Sentinel's copy is stale.
 pub fn fingerprint(s: &StixIndicator) -> u64 {
-    let mut h = Sha256::new();
-    let mut field = |v: &str| {
+    fn field(h: &mut Sha256, v: &str) {
         h.update((v.len() as u64).to_le_bytes());
         h.update(v.as_bytes());
-    };
-    field(&s.id);
-    field(&s.created_by_ref);
-    field(&s.name);
-    field(&s.description);
-    for t in &s.indicator_types {
-        field(t);
     }
-    field(&s.pattern);
-    field(&s.confidence.map(|c| c.to_string()).unwrap_or_default());
-    field(&s.labels.len().to_string());
+    fn number(h: &mut Sha256, v: Option<u8>) {
+        h.update(v.map_or(u16::MAX, u16::from).to_le_bytes());
+    }
+    let mut h = Sha256::new();
+    field(&mut h, &s.id);
+    field(&mut h, s.created_by_ref);
+    field(&mut h, &s.name);
+    field(&mut h, &s.description);
+    for t in &s.indicator_types {
+        field(&mut h, t);
+    }
+    field(&mut h, &s.pattern);
+    number(&mut h, s.confidence);
+    h.update((s.labels.len() as u64).to_le_bytes());
     for l in &s.labels {
-        field(l);
+        field(&mut h, l);
     }
     for r in &s.external_references {
-        field(&r.source_name);
-        field(&r.external_id);
-        field(&r.url);
+        field(&mut h, r.source_name);
+        field(&mut h, &r.external_id);
+        field(&mut h, &r.url);
     }
-    for (k, e) in &s.extensions {
-        field(k);
-        field(&serde_json::to_string(e).unwrap_or_default());
+    let e = &s.extensions.mandiant;
+    field(&mut h, EXTENSION_ID);
+    field(&mut h, e.action);
+    match &e.severity {
+        Some(sev) => field(&mut h, sev),
+        None => h.update([0xff]),
     }
+    number(&mut h, e.mscore);
+    number(&mut h, e.threat_score);
+    h.update([u8::from(e.passive_only)]);
     let d = h.finalize();
     u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
 }
@@ -433,7 +493,9 @@ mod tests {
             passive_only: passive,
             ..cfg()
         };
-        let got = serde_json::to_string_pretty(&to_stix(&input, &obs, &c, NOW)).unwrap() + "\n";
+        let got = serde_json::to_string_pretty(&to_stix(&input, &obs, &c, &Clock::new(NOW, &c)))
+            .unwrap()
+            + "\n";
         let want_path = format!("{path}.stix.json");
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             std::fs::write(&want_path, &got).unwrap();
@@ -486,7 +548,7 @@ mod tests {
             action: Action::Block,
             ..cfg()
         };
-        let s = to_stix(&ind, &obs, &c, NOW);
+        let s = to_stix(&ind, &obs, &c, &Clock::new(NOW, &c));
         assert_eq!(
             s.created, s.modified,
             "a future first_seen is clamped to now"
@@ -506,9 +568,9 @@ mod tests {
             "Mandiant threat score 88; attributed to APT29"
         );
         assert_eq!(s.pattern, "[domain-name:value = 'evil.example']");
-        let ext = &s.extensions[EXTENSION_ID];
+        let ext = &s.extensions.mandiant;
         assert_eq!((ext.mscore, ext.threat_score), (Some(95), Some(88)));
-        assert_eq!((ext.action.as_str(), ext.passive_only), ("block", true));
+        assert_eq!((ext.action, ext.passive_only), ("block", true));
     }
 
     #[test]
@@ -518,8 +580,13 @@ mod tests {
         }))
         .unwrap();
         let obs = evaluate(&ind, &lenient(HashType::Md5)).unwrap();
-        let a = to_stix(&ind, &obs, &cfg(), NOW);
-        let b = to_stix(&ind, &obs, &cfg(), NOW + Duration::days(3));
+        let a = to_stix(&ind, &obs, &cfg(), &Clock::new(NOW, &cfg()));
+        let b = to_stix(
+            &ind,
+            &obs,
+            &cfg(),
+            &Clock::new(NOW + Duration::days(3), &cfg()),
+        );
         assert_eq!(fingerprint(&a), fingerprint(&b));
         let mut c = a.clone();
         c.confidence = Some(91);

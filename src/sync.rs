@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde::Serialize;
-use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -22,7 +21,7 @@ use crate::policy::evaluate;
 use crate::retry::OutOfTime;
 use crate::sentinel::{MAX_BATCH, SentinelError, SentinelUploader};
 use crate::state::{CHECKPOINT, Checkpoint, DEDUPE_CACHE, Precondition, StateStore, Versioned};
-use crate::stix::{StixIndicator, fingerprint, identity, to_stix};
+use crate::stix::{Clock, StixIndicator, fingerprint, identity, to_stix};
 
 /// Consecutive windows overlap by this much, so an indicator updated at a window's edge is
 /// never missed; the dedupe cache makes the overlap free.
@@ -153,13 +152,13 @@ pub struct Planned {
 /// Pure: decodes, filters, maps and judges one page. `seen` holds the fingerprint of each
 /// Mandiant id already planned in this cycle, so the same indicator twice is sent once, while
 /// a newer version of it is still sent.
-pub fn plan_page(
-    raw: &[Box<RawValue>],
+pub fn plan_page<'a>(
+    raw: impl IntoIterator<Item = &'a str>,
     policy: &PolicyConfig,
     stix: &StixConfig,
     cache: &DedupeCache,
     seen: &mut HashMap<String, u64>,
-    now: OffsetDateTime,
+    clock: &Clock,
     report: &mut CycleReport,
 ) -> Vec<Planned> {
     let mut out = Vec::new();
@@ -177,14 +176,14 @@ pub fn plan_page(
             }
         };
         report.kept += 1;
-        let s = to_stix(&ind, &obs, stix, now);
+        let s = to_stix(&ind, &obs, stix, clock);
         let fp = fingerprint(&s);
         if seen.get(&ind.id) == Some(&fp) {
             report.duplicates += 1;
             continue;
         }
         seen.insert(ind.id.clone(), fp);
-        let valid_until = crate::stix::valid_until(obs.kind, stix, now).unix_timestamp();
+        let valid_until = clock.valid_until_unix(obs.kind);
         let decision = cache.decide(&ind.id, fp, valid_until);
         match decision {
             Decision::Unchanged => {
@@ -247,6 +246,8 @@ pub struct CycleResult {
 struct Run<'a> {
     p: &'a Pipeline<'a>,
     now: OffsetDateTime,
+    /// The timestamps of this cycle's objects, formatted once.
+    clock: Clock,
     started: Instant,
     deadline: Instant,
     cache: DedupeCache,
@@ -443,12 +444,12 @@ impl Run<'_> {
     async fn handle_page(&mut self, page: &MatiPage) -> anyhow::Result<Flow> {
         self.report.pages += 1;
         let planned = plan_page(
-            &page.indicators,
+            page.indicators(),
             self.p.policy,
             self.p.stix,
             &self.cache,
             &mut self.seen,
-            self.now,
+            &self.clock,
             &mut self.report,
         );
         self.enqueue(planned);
@@ -534,6 +535,7 @@ async fn cycle_with_lock(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instan
     let mut run = Run {
         p,
         now,
+        clock: Clock::new(now, p.stix),
         started,
         deadline,
         cache: DedupeCache::new(),
@@ -856,7 +858,7 @@ mod tests {
     }
 
     fn page(json: &str) -> MatiPage {
-        serde_json::from_str(json).unwrap()
+        MatiPage::parse(json.as_bytes().to_vec()).unwrap()
     }
 
     const NOW: OffsetDateTime = time::macros::datetime!(2026-12-03 12:00:00 UTC);
@@ -878,12 +880,12 @@ mod tests {
         let mut report = CycleReport::default();
         let mut seen = HashMap::new();
         let first = plan_page(
-            &pg.indicators,
+            pg.indicators(),
             &policy(),
             &stix(),
             &cache,
             &mut seen,
-            NOW,
+            &Clock::new(NOW, &stix()),
             &mut report,
         );
         let ids: Vec<&str> = first.iter().map(|p| p.mandiant_id.as_str()).collect();
@@ -913,12 +915,12 @@ mod tests {
         }
         let mut report = CycleReport::default();
         let again = plan_page(
-            &pg.indicators,
+            pg.indicators(),
             &policy(),
             &stix(),
             &cache,
             &mut HashMap::new(),
-            NOW,
+            &Clock::new(NOW, &stix()),
             &mut report,
         );
         assert!(again.is_empty());
@@ -926,12 +928,12 @@ mod tests {
         // Two days later the same content extends its lifetime.
         let mut report = CycleReport::default();
         let later = plan_page(
-            &pg.indicators,
+            pg.indicators(),
             &policy(),
             &stix(),
             &cache,
             &mut HashMap::new(),
-            NOW + Duration::days(2),
+            &Clock::new(NOW + Duration::days(2), &stix()),
             &mut report,
         );
         assert_eq!(later.len(), 2);

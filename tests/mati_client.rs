@@ -94,10 +94,10 @@ async fn first_page_sends_the_documented_parameters_and_next_pages_send_only_nex
         .await;
     let c = client(&server, KEY, SECRET);
     let first = c.first_page(&QUERY).await.unwrap();
-    assert_eq!(first.indicators.len(), 2);
+    assert_eq!(first.len(), 2);
     let next = first.next_cursor().unwrap().to_string();
     let second = c.next_page(&next).await.unwrap();
-    assert_eq!(second.indicators.len(), 1);
+    assert_eq!(second.len(), 1);
     assert_eq!(second.next_cursor(), None);
     let requests = server.received_requests().await.unwrap();
     let next_req = requests
@@ -129,7 +129,7 @@ async fn a_401_refreshes_the_token_once() {
         .mount(&server)
         .await;
     let c = client(&server, KEY, SECRET);
-    assert_eq!(c.first_page(&QUERY).await.unwrap().indicators.len(), 1);
+    assert_eq!(c.first_page(&QUERY).await.unwrap().len(), 1);
     let tokens = server
         .received_requests()
         .await
@@ -236,7 +236,7 @@ async fn transient_failures_are_retried_until_a_page_comes() {
             .first_page(&QUERY)
             .await
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(page.indicators.len(), 3, "{name}");
+        assert_eq!(page.len(), 3, "{name}");
         assert!(c.stats.retries() >= 1, "{name}: retries counted");
         server.verify().await;
     }
@@ -307,7 +307,7 @@ async fn no_content_is_the_end_of_data() {
         .first_page(&QUERY)
         .await
         .unwrap();
-    assert!(page.indicators.is_empty() && page.next_cursor().is_none());
+    assert!(page.is_empty() && page.next_cursor().is_none());
 }
 
 #[tokio::test]
