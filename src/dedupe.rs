@@ -72,17 +72,7 @@ pub fn uuid_bytes(uuid: &str) -> Option<[u8; 16]> {
     (uuid_text(&out) == uuid).then_some(out)
 }
 
-pub fn uuid_text(b: &[u8; 16]) -> String {
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
-}
+pub use crate::stix::uuid_text;
 
 impl DedupeCache {
     pub fn new() -> Self {

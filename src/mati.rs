@@ -253,23 +253,40 @@ impl<R: std::io::Read> PageReader<R> {
                 return Err(self.format("the file ends inside a page"));
             }
             let mut end = None;
-            for (i, &b) in chunk.iter().enumerate() {
+            let mut i = 0;
+            while i < chunk.len() {
+                let b = chunk[i];
                 if in_string {
-                    match (escaped, b) {
-                        (true, _) => escaped = false,
-                        (false, b'\\') => escaped = true,
-                        (false, b'"') => in_string = false,
-                        _ => {}
+                    if escaped {
+                        escaped = false;
+                    } else {
+                        // Most bytes are inside strings: jump to the next quote or backslash.
+                        match chunk[i..].iter().position(|&c| c == b'"' || c == b'\\') {
+                            None => {
+                                i = chunk.len();
+                                continue;
+                            }
+                            Some(p) => {
+                                i += p;
+                                if chunk[i] == b'"' {
+                                    in_string = false;
+                                } else {
+                                    escaped = true;
+                                }
+                            }
+                        }
                     }
+                    i += 1;
                     continue;
                 }
+                i += 1;
                 match b {
                     b'"' => in_string = true,
                     b'{' | b'[' => depth += 1,
                     b'}' | b']' => {
                         depth -= 1;
                         if depth == 0 {
-                            end = Some(i + 1);
+                            end = Some(i);
                             break;
                         }
                     }
