@@ -12,8 +12,10 @@ use thiserror::Error;
 /// One accepted upload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
-    /// The STIX UUID (without `indicator--`) as 16 bytes.
-    pub stix_uuid: [u8; 16],
+    /// The STIX UUID (without `indicator--`) as 16 bytes when it is not the one derived from
+    /// the Mandiant id (an object adopted from the workspace); `None`, the usual case, means
+    /// derived, and costs nothing to store or load.
+    pub stix_uuid: Option<[u8; 16]>,
     pub fingerprint: u64,
     /// `valid_until` accepted by Sentinel, Unix seconds.
     pub valid_until: i64,
@@ -38,9 +40,26 @@ impl Decision {
 /// A re-upload only to extend `valid_until` is worth it when it gains more than a day.
 pub const EXTEND_THRESHOLD_SECS: i64 = 86_400;
 
+/// A Mandiant id as a map key: `<type>--<uuid>` ids (all of them, in practice) pack into 17
+/// bytes without a heap allocation; anything else is kept as text.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    Packed(u8, [u8; 16]),
+    Raw(Box<str>),
+}
+
+impl Key {
+    fn of(mandiant_id: &str) -> Key {
+        match packed_key(mandiant_id) {
+            Some((kind, uuid)) => Key::Packed(kind, uuid),
+            None => Key::Raw(mandiant_id.into()),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DedupeCache {
-    entries: HashMap<String, Entry>,
+    entries: HashMap<Key, Entry>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -58,18 +77,33 @@ const FORMAT_VERSION: u8 = 1;
 const KINDS: [&str; 7] = ["ipv4", "fqdn", "url", "md5", "sha1", "sha256", "ipv6"];
 const RAW_KEY: u8 = 0xff;
 
+/// A lowercase UUID's 16 bytes; `None` for anything else (uppercase does not round-trip).
 pub fn uuid_bytes(uuid: &str) -> Option<[u8; 16]> {
-    if !crate::config::is_guid(uuid) {
+    let b = uuid.as_bytes();
+    if b.len() != 36 {
         return None;
     }
-    let hex: Vec<u8> = uuid.bytes().filter(|b| *b != b'-').collect();
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
     let mut out = [0u8; 16];
-    for (i, pair) in hex.chunks(2).enumerate() {
-        let s = std::str::from_utf8(pair).ok()?;
-        out[i] = u8::from_str_radix(s, 16).ok()?;
+    let mut n = 0;
+    let mut i = 0;
+    while i < 36 {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            if b[i] != b'-' {
+                return None;
+            }
+            i += 1;
+            continue;
+        }
+        out[n] = nibble(b[i])? << 4 | nibble(b[i + 1])?;
+        n += 1;
+        i += 2;
     }
-    // Only lowercase text round-trips through bytes.
-    (uuid_text(&out) == uuid).then_some(out)
+    Some(out)
 }
 
 pub use crate::stix::uuid_text;
@@ -88,11 +122,11 @@ impl DedupeCache {
     }
 
     pub fn get(&self, mandiant_id: &str) -> Option<&Entry> {
-        self.entries.get(mandiant_id)
+        self.entries.get(&Key::of(mandiant_id))
     }
 
     pub fn decide(&self, mandiant_id: &str, fingerprint: u64, valid_until: i64) -> Decision {
-        match self.entries.get(mandiant_id) {
+        match self.entries.get(&Key::of(mandiant_id)) {
             None => Decision::New,
             Some(e) if e.fingerprint != fingerprint => Decision::Changed,
             Some(e) if valid_until - e.valid_until > EXTEND_THRESHOLD_SECS => Decision::Extend,
@@ -101,7 +135,7 @@ impl DedupeCache {
     }
 
     pub fn record(&mut self, mandiant_id: &str, entry: Entry) {
-        self.entries.insert(mandiant_id.to_string(), entry);
+        self.entries.insert(Key::of(mandiant_id), entry);
     }
 
     /// Drops entries whose `valid_until` has passed: Sentinel no longer matches them, so a
@@ -116,34 +150,32 @@ impl DedupeCache {
     /// type's index followed by its 16 UUID bytes, or 0xff, a u16 length and the raw id),
     /// a flag byte (1 when the STIX UUID is the one derived from the Mandiant id, else 0
     /// and its 16 bytes follow), the fingerprint (u64 LE) and `valid_until` (i64 LE).
+    /// Entries come in map order: equal caches may encode to different bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(13 + self.entries.len() * 34);
         out.extend_from_slice(MAGIC);
         out.push(FORMAT_VERSION);
         out.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
-        let mut keys: Vec<&String> = self.entries.keys().collect();
-        // Sorted so the same cache always encodes to the same bytes (stable versions).
-        keys.sort_unstable();
-        for key in keys {
-            let e = &self.entries[key];
-            match packed_key(key) {
-                Some((kind, uuid)) => {
-                    out.push(kind);
-                    out.extend_from_slice(&uuid);
+        for (key, e) in &self.entries {
+            match key {
+                Key::Packed(kind, uuid) => {
+                    out.push(*kind);
+                    out.extend_from_slice(uuid);
                 }
-                None => {
-                    let bytes = key.as_bytes();
+                Key::Raw(raw) => {
+                    let bytes = raw.as_bytes();
                     let len = bytes.len().min(u16::MAX as usize);
                     out.push(RAW_KEY);
                     out.extend_from_slice(&(len as u16).to_le_bytes());
                     out.extend_from_slice(&bytes[..len]);
                 }
             }
-            if derived_uuid(key) == e.stix_uuid {
-                out.push(1);
-            } else {
-                out.push(0);
-                out.extend_from_slice(&e.stix_uuid);
+            match &e.stix_uuid {
+                None => out.push(1),
+                Some(uuid) => {
+                    out.push(0);
+                    out.extend_from_slice(uuid);
+                }
             }
             out.extend_from_slice(&e.fingerprint.to_le_bytes());
             out.extend_from_slice(&e.valid_until.to_le_bytes());
@@ -170,15 +202,17 @@ impl DedupeCache {
             let tag = r.take(1)?[0];
             let key = if tag == RAW_KEY {
                 let len = u16::from_le_bytes(r.take(2)?.try_into().unwrap()) as usize;
-                String::from_utf8(r.take(len)?.to_vec()).map_err(|_| DecodeError::Corrupt)?
+                let text = std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError::Corrupt)?;
+                Key::Raw(text.into())
             } else {
-                let kind = KINDS.get(tag as usize).ok_or(DecodeError::Corrupt)?;
-                let uuid: [u8; 16] = r.take(16)?.try_into().unwrap();
-                format!("{kind}--{}", uuid_text(&uuid))
+                if usize::from(tag) >= KINDS.len() {
+                    return Err(DecodeError::Corrupt);
+                }
+                Key::Packed(tag, r.take(16)?.try_into().unwrap())
             };
             let stix_uuid = match r.take(1)?[0] {
-                1 => derived_uuid(&key),
-                0 => r.take(16)?.try_into().unwrap(),
+                1 => None,
+                0 => Some(r.take(16)?.try_into().unwrap()),
                 _ => return Err(DecodeError::Corrupt),
             };
             let fingerprint = r.u64()?;
@@ -207,8 +241,7 @@ fn packed_key(key: &str) -> Option<(u8, [u8; 16])> {
 
 /// The STIX UUID `stix::indicator_id` gives a Mandiant id, as bytes.
 pub fn derived_uuid(mandiant_id: &str) -> [u8; 16] {
-    let id = crate::stix::indicator_id(mandiant_id);
-    uuid_bytes(id.strip_prefix("indicator--").expect("indicator id")).expect("derived uuid")
+    crate::stix::derive_uuid_bytes("indicator", mandiant_id)
 }
 
 struct Cursor<'a> {
@@ -234,9 +267,9 @@ mod tests {
 
     const DAY: i64 = 86_400;
 
-    fn entry(id: &str, fp: u64, until: i64) -> Entry {
+    fn entry(fp: u64, until: i64) -> Entry {
         Entry {
-            stix_uuid: derived_uuid(id),
+            stix_uuid: None,
             fingerprint: fp,
             valid_until: until,
         }
@@ -247,7 +280,7 @@ mod tests {
         let mut c = DedupeCache::new();
         let id = "ipv4--296e3068-fe73-558d-a4b9-77ac5b9d4cf8";
         assert_eq!(c.decide(id, 1, 10 * DAY), Decision::New);
-        c.record(id, entry(id, 1, 10 * DAY));
+        c.record(id, entry(1, 10 * DAY));
         assert_eq!(c.decide(id, 1, 10 * DAY), Decision::Unchanged);
         assert_eq!(
             c.decide(id, 1, 11 * DAY),
@@ -262,8 +295,8 @@ mod tests {
     #[test]
     fn prune_drops_only_lapsed_entries() {
         let mut c = DedupeCache::new();
-        c.record("a", entry("a", 1, 100));
-        c.record("b", entry("b", 1, 200));
+        c.record("a", entry(1, 100));
+        c.record("b", entry(1, 200));
         assert_eq!(c.prune(150), 1);
         assert!(c.get("a").is_none() && c.get("b").is_some());
     }
@@ -273,18 +306,14 @@ mod tests {
         let mut c = DedupeCache::new();
         c.record(
             "ipv4--296e3068-fe73-558d-a4b9-77ac5b9d4cf8",
-            entry(
-                "ipv4--296e3068-fe73-558d-a4b9-77ac5b9d4cf8",
-                7,
-                1_800_000_000,
-            ),
+            entry(7, 1_800_000_000),
         );
-        c.record("weird id ünicode", entry("weird id ünicode", u64::MAX, -5));
+        c.record("weird id ünicode", entry(u64::MAX, -5));
         // Reconciliation may adopt an id Sentinel already had: kept as 16 bytes.
         c.record(
             "md5--e54a4f18-5d4d-56cd-8a41-a96938e9779f",
             Entry {
-                stix_uuid: [9; 16],
+                stix_uuid: Some([9; 16]),
                 fingerprint: 3,
                 valid_until: 42,
             },
@@ -292,9 +321,27 @@ mod tests {
         let bytes = c.encode();
         assert_eq!(DedupeCache::decode(&bytes).unwrap(), c);
         assert_eq!(
-            bytes,
-            DedupeCache::decode(&bytes).unwrap().encode(),
-            "stable bytes"
+            bytes.len(),
+            DedupeCache::decode(&bytes).unwrap().encode().len()
+        );
+        assert_eq!(
+            uuid_bytes("E54A4F18-5D4D-56CD-8A41-A96938E9779F"),
+            None,
+            "uppercase"
+        );
+        assert_eq!(
+            uuid_bytes("e54a4f18-5d4d-56cd-8a41-a96938e9779"),
+            None,
+            "short"
+        );
+        assert_eq!(
+            uuid_bytes("e54a4f18x5d4d-56cd-8a41-a96938e9779f"),
+            None,
+            "separator"
+        );
+        assert_eq!(
+            uuid_bytes("e54a4f18-5d4d-56cd-8a41-a96938e9779f").map(|b| uuid_text(&b)),
+            Some("e54a4f18-5d4d-56cd-8a41-a96938e9779f".to_string())
         );
     }
 
@@ -303,7 +350,7 @@ mod tests {
         let mut c = DedupeCache::new();
         for i in 0..1000u32 {
             let id = format!("ipv4--{i:08x}-0000-5000-8000-000000000000");
-            c.record(&id, entry(&id, i as u64, i as i64));
+            c.record(&id, entry(i as u64, i as i64));
         }
         let per_entry = c.encode().len() / c.len();
         assert!(per_entry <= 34, "{per_entry} bytes per entry");
@@ -312,7 +359,7 @@ mod tests {
     #[test]
     fn corrupt_input_is_an_error_not_a_panic() {
         let mut c = DedupeCache::new();
-        c.record("fqdn--1", entry("fqdn--1", 1, 1));
+        c.record("fqdn--1", entry(1, 1));
         let bytes = c.encode();
         for cut in 0..bytes.len() {
             assert!(DedupeCache::decode(&bytes[..cut]).is_err(), "cut at {cut}");

@@ -131,6 +131,11 @@ pub fn format_timestamp(t: OffsetDateTime) -> String {
 
 /// A UUID derived from a name, shaped as version 4 (STIX wants v4 for these objects).
 pub fn derive_uuid(namespace: &str, name: &str) -> String {
+    uuid_text(&derive_uuid_bytes(namespace, name))
+}
+
+/// The bytes of [`derive_uuid`].
+pub fn derive_uuid_bytes(namespace: &str, name: &str) -> [u8; 16] {
     let mut h = Sha256::new();
     h.update(b"mati-sentinel/");
     h.update(namespace.as_bytes());
@@ -141,7 +146,7 @@ pub fn derive_uuid(namespace: &str, name: &str) -> String {
     b.copy_from_slice(&d[..16]);
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    uuid_text(&b)
+    b
 }
 
 /// 16 bytes as a lowercase UUID (8-4-4-4-12), without a formatter per byte: ids are made

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::{PolicyConfig, StixConfig, SyncConfig, UploadApi};
-use crate::dedupe::{Decision, DedupeCache, Entry, derived_uuid, uuid_bytes};
+use crate::dedupe::{Decision, DedupeCache, Entry};
 use crate::mati::{MatiClient, MatiError, MatiPage, PageReader, WindowQuery, decode_indicator};
 use crate::policy::evaluate;
 use crate::retry::OutOfTime;
@@ -380,16 +380,11 @@ impl Run<'_> {
             let Some(p) = i.checked_sub(offset).and_then(|i| batch.get(i)) else {
                 continue;
             };
-            let stix_uuid = p
-                .stix
-                .id
-                .strip_prefix("indicator--")
-                .and_then(uuid_bytes)
-                .unwrap_or_else(|| derived_uuid(&p.mandiant_id));
+            // Uploaded under the id derived from the Mandiant id (to_stix), so none is stored.
             self.cache.record(
                 &p.mandiant_id,
                 Entry {
-                    stix_uuid,
+                    stix_uuid: None,
                     fingerprint: p.fingerprint,
                     valid_until: p.valid_until,
                 },
@@ -907,7 +902,7 @@ mod tests {
             cache.record(
                 &p.mandiant_id,
                 Entry {
-                    stix_uuid: derived_uuid(&p.mandiant_id),
+                    stix_uuid: None,
                     fingerprint: p.fingerprint,
                     valid_until: p.valid_until,
                 },
