@@ -383,6 +383,9 @@ pub struct Sentinel {
     /// Tokens refused with 401 (for example a token that "expired").
     pub refuse_tokens: Vec<String>,
     pub tokens_seen: Vec<String>,
+    /// Enforce Sentinel's limit: more than this many requests in any window answers 429.
+    pub rate_limit: Option<(usize, Duration)>,
+    pub throttled: usize,
 }
 
 pub fn sentinel_router(state: Shared<Sentinel>) -> Router {
@@ -395,7 +398,23 @@ pub fn sentinel_router(state: Shared<Sentinel>) -> Router {
         let fault = {
             let mut st = s.lock().unwrap();
             st.requests += 1;
-            st.request_times.push(Instant::now());
+            let now = Instant::now();
+            if let Some((limit, window)) = st.rate_limit {
+                let recent = st
+                    .request_times
+                    .iter()
+                    .filter(|t| now.duration_since(**t) < window)
+                    .count();
+                if recent >= limit {
+                    st.throttled += 1;
+                    return (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        Json(json!({"statusCode": 429, "message": "Rate limit is exceeded. Try again in 5 seconds."})),
+                    )
+                        .into_response();
+                }
+            }
+            st.request_times.push(now);
             st.paths.push(
                 uri.path_and_query()
                     .map(|p| p.to_string())
