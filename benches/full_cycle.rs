@@ -10,7 +10,7 @@ mod support;
 
 use std::collections::HashMap;
 
-use mati_sentinel::config::{Action, EnabledTypes, HashType, PolicyConfig, StixConfig};
+use mati_sentinel::config::{Config, Needs};
 use mati_sentinel::dedupe::{DedupeCache, Entry};
 use mati_sentinel::mati::MatiPage;
 use mati_sentinel::state::Checkpoint;
@@ -28,27 +28,9 @@ async fn main() {
         .collect();
 
     // The cache: what a previous cycle recorded for these indicators, plus 900,000 others.
-    let policy = PolicyConfig {
-        min_confidence: 80,
-        min_threat_score: 80,
-        exclude_osint: true,
-        include_uncategorized: true,
-        hash_type: HashType::Md5,
-        types: EnabledTypes {
-            ipv4: true,
-            fqdn: true,
-            url: true,
-            hash: true,
-        },
-    };
-    let stix = StixConfig {
-        ipv4_days: 7,
-        fqdn_days: 7,
-        url_days: 7,
-        hash_days: 90,
-        action: Action::Alert,
-        passive_only: false,
-    };
+    // The product's defaults, as a deployment without settings gets them.
+    let config = Config::from_map(&Default::default(), Needs::NOTHING).unwrap();
+    let (policy, stix) = (config.policy, config.stix);
     let page =
         MatiPage::parse(format!("{{\"indicators\":[{}]}}", indicators.join(",")).into_bytes())
             .unwrap();

@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Instant;
 
-use mati_sentinel::config::{Action, EnabledTypes, HashType, PolicyConfig, StixConfig};
+use mati_sentinel::config::{Config, Needs};
 use mati_sentinel::dedupe::DedupeCache;
 use mati_sentinel::mati::pages_from_json;
 use mati_sentinel::stix::Clock;
@@ -17,27 +17,9 @@ fn main() {
     let n: u64 = 200_000;
     let now = time::OffsetDateTime::now_utc();
     let bytes = common::pages_file(n, 1000, 7, now.unix_timestamp() - 3600);
-    let policy = PolicyConfig {
-        min_confidence: 80,
-        min_threat_score: 80,
-        exclude_osint: true,
-        include_uncategorized: true,
-        hash_type: HashType::Md5,
-        types: EnabledTypes {
-            ipv4: true,
-            fqdn: true,
-            url: true,
-            hash: true,
-        },
-    };
-    let stix = StixConfig {
-        ipv4_days: 7,
-        fqdn_days: 7,
-        url_days: 7,
-        hash_days: 90,
-        action: Action::Alert,
-        passive_only: false,
-    };
+    // The product's defaults, as a deployment without settings gets them.
+    let config = Config::from_map(&Default::default(), Needs::NOTHING).unwrap();
+    let (policy, stix) = (config.policy, config.stix);
     let cache = DedupeCache::new();
     let mut best = f64::MAX;
     let mut kept = 0;

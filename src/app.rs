@@ -61,6 +61,15 @@ fn setting_problem(setting: &'static str, message: String) -> BuildError {
     })
 }
 
+/// Settings that are accepted but do nothing yet say so in the log of every cycle.
+pub fn warn_unimplemented(config: &Config) {
+    if config.sync.enable_deduplication {
+        tracing::warn!(
+            "ENABLE_DEDUPLICATION is set, but workspace reconciliation is not in this build yet; the local dedupe cache still applies"
+        );
+    }
+}
+
 /// Everything a cycle needs, built once.
 pub struct App {
     pub config: Config,
@@ -118,11 +127,7 @@ impl App {
         stop: Option<Arc<AtomicBool>>,
         progress: Option<Arc<Progress>>,
     ) -> CycleResult {
-        if self.config.sync.enable_deduplication {
-            tracing::warn!(
-                "ENABLE_DEDUPLICATION is set, but workspace reconciliation is not in this build yet; the local dedupe cache still applies"
-            );
-        }
+        warn_unimplemented(&self.config);
         let pipeline = Pipeline {
             policy: &self.config.policy,
             stix: &self.config.stix,

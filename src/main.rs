@@ -231,11 +231,7 @@ async fn sync(
         };
         Sink::Sentinel(&uploader)
     };
-    if config.sync.enable_deduplication {
-        tracing::warn!(
-            "ENABLE_DEDUPLICATION is set, but workspace reconciliation is not in this build yet; the local dedupe cache still applies"
-        );
-    }
+    mati_sentinel::app::warn_unimplemented(&config);
 
     let pipeline = Pipeline {
         policy: &config.policy,
