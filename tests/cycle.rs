@@ -813,14 +813,7 @@ async fn the_time_budget_stops_cleanly_and_the_next_run_finishes_the_backfill() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_cycle_never_runs_while_one_holds_the_lock() {
     let w = world(&feed()).await;
-    std::fs::create_dir_all(w.state_dir.path()).unwrap();
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(w.state_dir.path().join("lock"))
-        .unwrap();
-    lock.try_lock().unwrap();
+    let lock = w.hold_state_lock();
     let out = run(&["sync", "--json"], &w.env()).await;
     assert_eq!(out.code, 0, "{}", out.all());
     let report: Value = serde_json::from_str(&out.stdout).unwrap();

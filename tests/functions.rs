@@ -192,13 +192,7 @@ async fn a_failed_cycle_answers_500_and_a_tick_during_a_running_cycle_answers_20
 
     // Another instance holds the state lock: the tick succeeds and says so.
     let (handler, _) = Handler::start(&w.env()).await;
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(w.state_dir.path().join("lock"))
-        .unwrap();
-    lock.try_lock().unwrap();
+    let _lock = w.hold_state_lock();
     let tokens_before = w.mandiant.lock().unwrap().token_requests;
     let (status, body) = handler.tick("busy-1").await;
     assert_eq!(status, 200, "{body}");

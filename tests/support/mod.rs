@@ -559,6 +559,19 @@ impl World {
         mandiant_ids(&self.sentinel.lock().unwrap().received)
     }
 
+    /// Takes the state folder's lock as another process would; held until the file drops.
+    pub fn hold_state_lock(&self) -> std::fs::File {
+        std::fs::create_dir_all(self.state_dir.path()).unwrap();
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.state_dir.path().join("lock"))
+            .unwrap();
+        lock.try_lock().unwrap();
+        lock
+    }
+
     /// The checkpoint the last run wrote.
     pub fn checkpoint(&self) -> Value {
         let bytes = std::fs::read(self.state_dir.path().join("checkpoint.json")).unwrap();
