@@ -29,6 +29,9 @@ pub enum Decision {
     /// Unchanged, but its lifetime would lapse in Sentinel before Mandiant's latest view.
     Extend,
     Unchanged,
+    /// In Sentinel, but no longer passing the policy: re-sent with `valid_until` now, so
+    /// Sentinel stops matching it (not `revoked`, which STIX makes final: it may qualify again).
+    Expire,
 }
 
 impl Decision {
@@ -136,6 +139,12 @@ impl DedupeCache {
 
     pub fn record(&mut self, mandiant_id: &str, entry: Entry) {
         self.entries.insert(Key::of(mandiant_id), entry);
+    }
+
+    /// Forgets an indicator (after Sentinel accepted its expiry): if it qualifies again, it
+    /// is new again.
+    pub fn remove(&mut self, mandiant_id: &str) -> bool {
+        self.entries.remove(&Key::of(mandiant_id)).is_some()
     }
 
     /// Drops entries whose `valid_until` has passed: Sentinel no longer matches them, so a

@@ -300,6 +300,18 @@ pub fn to_stix(
     }
 }
 
+/// The same object, expired: `valid_until` now, so Sentinel stops matching it. STIX wants
+/// `valid_from` strictly earlier, so it becomes `created` (or a second before now).
+pub fn expire(mut s: StixIndicator, clock: &Clock) -> StixIndicator {
+    s.valid_until = clock.now_text.clone();
+    s.valid_from = if s.created < clock.now_text {
+        s.created.clone()
+    } else {
+        format_timestamp(clock.now - Duration::seconds(1))
+    };
+    s
+}
+
 /// A digest of everything but the timestamps: when it changes, Sentinel's copy is stale.
 pub fn fingerprint(s: &StixIndicator) -> u64 {
     fn field(h: &mut Sha256, v: &str) {

@@ -21,7 +21,7 @@ use crate::policy::evaluate;
 use crate::retry::OutOfTime;
 use crate::sentinel::{MAX_BATCH, SentinelError, SentinelUploader};
 use crate::state::{CHECKPOINT, Checkpoint, DEDUPE_CACHE, Precondition, StateStore, Versioned};
-use crate::stix::{Clock, StixIndicator, fingerprint, identity, to_stix};
+use crate::stix::{Clock, StixIndicator, expire, fingerprint, identity, to_stix};
 
 /// Consecutive windows overlap by this much, so an indicator updated at a window's edge is
 /// never missed; the dedupe cache makes the overlap free.
@@ -172,6 +172,20 @@ pub fn plan_page<'a>(
             Ok(o) => o,
             Err(reason) => {
                 *report.rejected.entry(reason.as_str()).or_default() += 1;
+                // Uploaded before and no longer wanted: expire it in Sentinel.
+                if cache.get(&ind.id).is_some()
+                    && let Ok(obs) = evaluate(&ind, &any_indicator(policy))
+                {
+                    let s = expire(to_stix(&ind, &obs, stix, clock), clock);
+                    seen.insert(ind.id.clone(), fingerprint(&s));
+                    out.push(Planned {
+                        fingerprint: fingerprint(&s),
+                        mandiant_id: ind.id,
+                        stix: s,
+                        valid_until: clock.now.unix_timestamp(),
+                        decision: Decision::Expire,
+                    });
+                }
                 continue;
             }
         };
@@ -191,7 +205,7 @@ pub fn plan_page<'a>(
                 continue;
             }
             Decision::Extend => report.extended += 1,
-            Decision::New | Decision::Changed => {}
+            Decision::New | Decision::Changed | Decision::Expire => {}
         }
         out.push(Planned {
             mandiant_id: ind.id,
@@ -206,6 +220,24 @@ pub fn plan_page<'a>(
 
 /// A saved feed, read page by page.
 pub type FileReader = std::sync::Mutex<PageReader<Box<dyn std::io::Read + Send>>>;
+
+/// A policy that keeps anything well-formed: the observable of an indicator being expired
+/// (its pattern is what Sentinel matches, whatever the policy now says).
+fn any_indicator(p: &PolicyConfig) -> PolicyConfig {
+    PolicyConfig {
+        min_confidence: 0,
+        min_threat_score: 0,
+        exclude_osint: false,
+        include_uncategorized: true,
+        hash_type: p.hash_type,
+        types: crate::config::EnabledTypes {
+            ipv4: true,
+            fqdn: true,
+            url: true,
+            hash: true,
+        },
+    }
+}
 
 /// Where indicators come from.
 pub enum Source<'a> {
@@ -339,9 +371,13 @@ impl Run<'_> {
     async fn send(&mut self, batch: Vec<Planned>) -> anyhow::Result<()> {
         let uploader = match self.p.sink {
             Sink::DryRun(output) => {
-                self.report.uploaded += batch.len() as u64;
                 for p in &batch {
-                    self.report.uploaded_by_type.count(&p.stix.pattern);
+                    if p.decision == Decision::Expire {
+                        self.report.expired += 1;
+                    } else {
+                        self.report.uploaded += 1;
+                        self.report.uploaded_by_type.count(&p.stix.pattern);
+                    }
                 }
                 if let Some(out) = output {
                     let mut text = String::new();
@@ -380,6 +416,12 @@ impl Run<'_> {
             let Some(p) = i.checked_sub(offset).and_then(|i| batch.get(i)) else {
                 continue;
             };
+            if p.decision == Decision::Expire {
+                self.cache.remove(&p.mandiant_id);
+                self.cache_dirty = true;
+                self.report.expired += 1;
+                continue;
+            }
             // Uploaded under the id derived from the Mandiant id (to_stix), so none is stored.
             self.cache.record(
                 &p.mandiant_id,
@@ -934,5 +976,65 @@ mod tests {
         assert_eq!(later.len(), 2);
         assert!(later.iter().all(|p| p.decision == Decision::Extend));
         assert_eq!(report.extended, 2);
+    }
+
+    #[test]
+    fn an_uploaded_indicator_that_stops_qualifying_is_expired_once() {
+        let before = page(
+            r#"{"indicators":[{"id":"ipv4--a","type":"ipv4","value":"1.1.1.1","mscore":90,"first_seen":"2026-11-01T00:00:00.000Z","threat_rating":{"threat_score":90}}]}"#,
+        );
+        let after = page(
+            r#"{"indicators":[{"id":"ipv4--a","type":"ipv4","value":"1.1.1.1","mscore":90,"first_seen":"2026-11-01T00:00:00.000Z","threat_rating":{"threat_score":20}},
+                              {"id":"ipv4--b","type":"ipv4","value":"2.2.2.2","mscore":90,"threat_rating":{"threat_score":20}}]}"#,
+        );
+        let clock = Clock::new(NOW, &stix());
+        let mut cache = DedupeCache::new();
+        let mut report = CycleReport::default();
+        for p in plan_page(
+            before.indicators(),
+            &policy(),
+            &stix(),
+            &cache,
+            &mut HashMap::new(),
+            &clock,
+            &mut report,
+        ) {
+            cache.record(
+                &p.mandiant_id,
+                Entry {
+                    stix_uuid: None,
+                    fingerprint: p.fingerprint,
+                    valid_until: p.valid_until,
+                },
+            );
+        }
+        let mut report = CycleReport::default();
+        let planned = plan_page(
+            after.indicators(),
+            &policy(),
+            &stix(),
+            &cache,
+            &mut HashMap::new(),
+            &clock,
+            &mut report,
+        );
+        // Only the one Sentinel has is expired; the other was never uploaded.
+        assert_eq!(planned.len(), 1);
+        let p = &planned[0];
+        assert_eq!(
+            (p.mandiant_id.as_str(), p.decision),
+            ("ipv4--a", Decision::Expire)
+        );
+        assert_eq!(
+            p.stix.id,
+            crate::stix::indicator_id("ipv4--a"),
+            "the same STIX id"
+        );
+        assert_eq!(
+            p.stix.valid_until, "2026-12-03T12:00:00.000Z",
+            "valid until now"
+        );
+        assert_eq!(p.stix.valid_from, "2026-11-01T00:00:00.000Z");
+        assert_eq!(report.rejected.get("low_threat_score"), Some(&2));
     }
 }

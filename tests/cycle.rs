@@ -890,3 +890,60 @@ async fn a_long_retry_wait_ends_the_cycle_at_its_budget_not_past_it() {
     assert_eq!(unique, expected(&feed, false));
     assert_eq!(ids.len(), unique.len());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_indicator_that_stops_qualifying_is_expired_and_can_come_back() {
+    let mut feed = feed();
+    let w = world(&feed).await;
+    let env = w.env();
+    assert_eq!(run(&["sync"], &env).await.code, 0);
+    let stix_id = w
+        .sentinel
+        .lock()
+        .unwrap()
+        .by_id
+        .values()
+        .find(|o| o["external_references"][0]["external_id"] == feed[0].indicator["id"])
+        .unwrap()["id"]
+        .clone();
+
+    // Mandiant lowers its threat score: Sentinel gets the same id, valid until now.
+    let set = |feed: &mut Vec<Labelled>, score: u8| {
+        feed[0].indicator["threat_rating"]["threat_score"] = json!(score);
+        feed[0].indicator["last_updated"] =
+            json!(ts(OffsetDateTime::now_utc() - Duration::seconds(20)));
+        w.mandiant.lock().unwrap().indicators = feed.iter().map(|l| l.indicator.clone()).collect();
+    };
+    set(&mut feed, 30);
+    let out = run(&["sync", "--json"], &env).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    let report: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["expired"], 1, "{report}");
+    assert_eq!(report["uploaded"], 0, "{report}");
+    let expired = w.sentinel.lock().unwrap().by_id[stix_id.as_str().unwrap()].clone();
+    let until = parse(&expired["valid_until"]);
+    assert!(
+        (OffsetDateTime::now_utc() - until).abs() < Duration::minutes(2),
+        "valid until now: {expired}"
+    );
+    assert!(parse(&expired["valid_from"]) < until);
+    assert_eq!(
+        expired["revoked"],
+        Value::Null,
+        "not revoked: it may come back"
+    );
+
+    // A rerun does not expire it again.
+    let out = run(&["sync", "--json"], &env).await;
+    let report: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["expired"], 0, "{report}");
+
+    // It qualifies again: uploaded under the same id with a future valid_until.
+    set(&mut feed, 95);
+    let out = run(&["sync", "--json"], &env).await;
+    let report: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["uploaded"], 1, "{report}");
+    let back = w.sentinel.lock().unwrap().by_id[stix_id.as_str().unwrap()].clone();
+    assert!(parse(&back["valid_until"]) > OffsetDateTime::now_utc() + Duration::days(6));
+    w.export_stix("expired-and-back");
+}
