@@ -932,6 +932,7 @@ async fn an_indicator_that_stops_qualifying_is_expired_and_can_come_back() {
         Value::Null,
         "not revoked: it may come back"
     );
+    w.export_stix("expired");
 
     // A rerun does not expire it again.
     let out = run(&["sync", "--json"], &env).await;
