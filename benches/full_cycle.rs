@@ -45,14 +45,7 @@ async fn main() {
         &mut CycleReport::default(),
     );
     for p in &planned {
-        cache.record(
-            &p.mandiant_id,
-            Entry {
-                stix_uuid: None,
-                fingerprint: p.fingerprint,
-                valid_until: p.valid_until,
-            },
-        );
+        cache.record(&p.mandiant_id, p.cache_entry());
     }
     let mut i = 0u64;
     while (cache.len() as u64) < cached {

@@ -101,13 +101,14 @@ pub fn summary_line(r: &CycleReport) -> String {
     };
     let rejected: u64 = r.rejected.values().sum();
     format!(
-        "sync cycle {reason}: fetched {} on {} page(s), kept {}, rejected {rejected}, malformed {}, unchanged {}, uploaded {}, refused {}, retries {}, throttled {}, {} ms",
+        "sync cycle {reason}: fetched {} on {} page(s), kept {}, rejected {rejected}, malformed {}, unchanged {}, uploaded {}, expired {}, refused {}, retries {}, throttled {}, {} ms",
         r.fetched,
         r.pages,
         r.kept,
         r.malformed,
         r.unchanged,
         r.uploaded,
+        r.expired,
         r.refused,
         r.retries,
         r.throttled,

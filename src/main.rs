@@ -378,6 +378,7 @@ fn print_summary(r: &CycleReport, output: Option<&std::path::Path>) {
                 ])
             ),
         ),
+        ("expired", r.expired.to_string()),
         ("refused", r.refused.to_string()),
         ("requests", r.upload_requests.to_string()),
         (

@@ -149,6 +149,18 @@ pub struct Planned {
     pub decision: Decision,
 }
 
+impl Planned {
+    /// What the dedupe cache records once Sentinel accepted this object. The object went
+    /// under the id derived from the Mandiant id (`to_stix`), so no STIX id is stored.
+    pub fn cache_entry(&self) -> Entry {
+        Entry {
+            stix_uuid: None,
+            fingerprint: self.fingerprint,
+            valid_until: self.valid_until,
+        }
+    }
+}
+
 /// Pure: decodes, filters, maps and judges one page. `seen` holds the fingerprint of each
 /// Mandiant id already planned in this cycle, so the same indicator twice is sent once, while
 /// a newer version of it is still sent.
@@ -422,15 +434,7 @@ impl Run<'_> {
                 self.report.expired += 1;
                 continue;
             }
-            // Uploaded under the id derived from the Mandiant id (to_stix), so none is stored.
-            self.cache.record(
-                &p.mandiant_id,
-                Entry {
-                    stix_uuid: None,
-                    fingerprint: p.fingerprint,
-                    valid_until: p.valid_until,
-                },
-            );
+            self.cache.record(&p.mandiant_id, p.cache_entry());
             self.cache_dirty = true;
             self.report.uploaded += 1;
             self.report.uploaded_by_type.count(&p.stix.pattern);
@@ -941,14 +945,7 @@ mod tests {
         );
         // Once Sentinel has them, a later cycle skips both as unchanged.
         for p in &first {
-            cache.record(
-                &p.mandiant_id,
-                Entry {
-                    stix_uuid: None,
-                    fingerprint: p.fingerprint,
-                    valid_until: p.valid_until,
-                },
-            );
+            cache.record(&p.mandiant_id, p.cache_entry());
         }
         let mut report = CycleReport::default();
         let again = plan_page(
@@ -999,14 +996,7 @@ mod tests {
             &clock,
             &mut report,
         ) {
-            cache.record(
-                &p.mandiant_id,
-                Entry {
-                    stix_uuid: None,
-                    fingerprint: p.fingerprint,
-                    valid_until: p.valid_until,
-                },
-            );
+            cache.record(&p.mandiant_id, p.cache_entry());
         }
         let mut report = CycleReport::default();
         let planned = plan_page(
