@@ -314,6 +314,107 @@ pub fn expire(mut s: StixIndicator, clock: &Clock) -> StixIndicator {
 
 /// A digest of everything but the timestamps: when it changes, Sentinel's copy is stale.
 pub fn fingerprint(s: &StixIndicator) -> u64 {
+    let e = &s.extensions.mandiant;
+    digest(&Fields {
+        id: &s.id,
+        created_by_ref: s.created_by_ref,
+        name: &s.name,
+        description: &s.description,
+        indicator_types: &s.indicator_types,
+        pattern: &s.pattern,
+        confidence: s.confidence,
+        labels: &s.labels,
+        external_references: s
+            .external_references
+            .iter()
+            .map(|r| [r.source_name, r.external_id.as_str(), r.url.as_str()])
+            .collect(),
+        action: e.action,
+        severity: e.severity.as_deref(),
+        mscore: e.mscore,
+        threat_score: e.threat_score,
+        passive_only: e.passive_only,
+    })
+}
+
+/// The [`fingerprint`] of an object as Sentinel stores it (read back from the workspace):
+/// equal to the fingerprint of the object we sent, whatever Sentinel adds beside our fields
+/// (its `sentinel-ext` extension, for one). `None` when it is not one of ours: no Mandiant
+/// extension, or a field of the wrong type.
+pub fn fingerprint_value(v: &serde_json::Value) -> Option<u64> {
+    fn text(v: &serde_json::Value) -> Option<&str> {
+        v.as_str()
+    }
+    let small = |v: &serde_json::Value| -> Option<Option<u8>> {
+        if v.is_null() {
+            Some(None)
+        } else {
+            v.as_u64().and_then(|n| u8::try_from(n).ok()).map(Some)
+        }
+    };
+    let strings = |v: &serde_json::Value| -> Option<Vec<String>> {
+        v.as_array()?
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect()
+    };
+    let e = v.get("extensions")?.get(EXTENSION_ID)?;
+    let refs = v.get("external_references")?.as_array()?;
+    let mut external_references = Vec::with_capacity(refs.len());
+    for r in refs {
+        external_references.push([
+            text(r.get("source_name")?)?,
+            text(r.get("external_id")?)?,
+            text(r.get("url")?)?,
+        ]);
+    }
+    let labels = match v.get("labels") {
+        None => Vec::new(),
+        Some(l) => strings(l)?,
+    };
+    let null = serde_json::Value::Null;
+    let field = |name: &str| v.get(name).unwrap_or(&null);
+    let ext = |name: &str| e.get(name).unwrap_or(&null);
+    Some(digest(&Fields {
+        id: text(field("id"))?,
+        created_by_ref: text(field("created_by_ref"))?,
+        name: text(field("name"))?,
+        description: text(field("description"))?,
+        indicator_types: &strings(field("indicator_types"))?,
+        pattern: text(field("pattern"))?,
+        confidence: small(field("confidence"))?,
+        labels: &labels,
+        external_references,
+        action: text(ext("action"))?,
+        severity: match ext("severity") {
+            serde_json::Value::Null => None,
+            s => Some(text(s)?),
+        },
+        mscore: small(ext("mscore"))?,
+        threat_score: small(ext("threat_score"))?,
+        passive_only: ext("passive_only").as_bool()?,
+    }))
+}
+
+/// What [`fingerprint`] covers, borrowed from either form of an object.
+struct Fields<'a, T: AsRef<str>, L: AsRef<str>> {
+    id: &'a str,
+    created_by_ref: &'a str,
+    name: &'a str,
+    description: &'a str,
+    indicator_types: &'a [T],
+    pattern: &'a str,
+    confidence: Option<u8>,
+    labels: &'a [L],
+    external_references: Vec<[&'a str; 3]>,
+    action: &'a str,
+    severity: Option<&'a str>,
+    mscore: Option<u8>,
+    threat_score: Option<u8>,
+    passive_only: bool,
+}
+
+fn digest<T: AsRef<str>, L: AsRef<str>>(f: &Fields<'_, T, L>) -> u64 {
     fn field(h: &mut Sha256, v: &str) {
         h.update((v.len() as u64).to_le_bytes());
         h.update(v.as_bytes());
@@ -322,34 +423,33 @@ pub fn fingerprint(s: &StixIndicator) -> u64 {
         h.update(v.map_or(u16::MAX, u16::from).to_le_bytes());
     }
     let mut h = Sha256::new();
-    field(&mut h, &s.id);
-    field(&mut h, s.created_by_ref);
-    field(&mut h, &s.name);
-    field(&mut h, &s.description);
-    for t in &s.indicator_types {
-        field(&mut h, t);
+    field(&mut h, f.id);
+    field(&mut h, f.created_by_ref);
+    field(&mut h, f.name);
+    field(&mut h, f.description);
+    for t in f.indicator_types {
+        field(&mut h, t.as_ref());
     }
-    field(&mut h, &s.pattern);
-    number(&mut h, s.confidence);
-    h.update((s.labels.len() as u64).to_le_bytes());
-    for l in &s.labels {
-        field(&mut h, l);
+    field(&mut h, f.pattern);
+    number(&mut h, f.confidence);
+    h.update((f.labels.len() as u64).to_le_bytes());
+    for l in f.labels {
+        field(&mut h, l.as_ref());
     }
-    for r in &s.external_references {
-        field(&mut h, r.source_name);
-        field(&mut h, &r.external_id);
-        field(&mut h, &r.url);
+    for [source_name, external_id, url] in &f.external_references {
+        field(&mut h, source_name);
+        field(&mut h, external_id);
+        field(&mut h, url);
     }
-    let e = &s.extensions.mandiant;
     field(&mut h, EXTENSION_ID);
-    field(&mut h, e.action);
-    match &e.severity {
+    field(&mut h, f.action);
+    match f.severity {
         Some(sev) => field(&mut h, sev),
         None => h.update([0xff]),
     }
-    number(&mut h, e.mscore);
-    number(&mut h, e.threat_score);
-    h.update([u8::from(e.passive_only)]);
+    number(&mut h, f.mscore);
+    number(&mut h, f.threat_score);
+    h.update([u8::from(f.passive_only)]);
     let d = h.finalize();
     u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
 }
@@ -618,5 +718,49 @@ mod tests {
         let mut d = a.clone();
         d.labels.push("new".into());
         assert_ne!(fingerprint(&a), fingerprint(&d));
+    }
+
+    #[test]
+    fn the_stored_form_has_the_fingerprint_of_the_object_sent() {
+        for (name, hash, action, passive) in [
+            ("example-a-ipv4", HashType::Md5, Action::Alert, false),
+            ("example-b-md5", HashType::Sha256, Action::Block, true),
+            ("example-c-fqdn", HashType::Md5, Action::Allow, false),
+            (
+                "example-d-threat-rating",
+                HashType::Md5,
+                Action::Alert,
+                false,
+            ),
+        ] {
+            let path = format!(
+                "{}/tests/golden/{name}.mati.json",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let input: MatiIndicator =
+                serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+            let obs = evaluate(&input, &lenient(hash)).unwrap();
+            let c = StixConfig {
+                action,
+                passive_only: passive,
+                ..cfg()
+            };
+            let s = to_stix(&input, &obs, &c, &Clock::new(NOW, &c));
+            let mut stored = serde_json::to_value(&s).unwrap();
+            // What Sentinel adds to what it stores.
+            stored["extensions"]["sentinel-ext"] = serde_json::json!({"severity": null});
+            stored["x_sentinel_ingested"] = serde_json::json!("2026-12-03T12:00:01Z");
+            assert_eq!(fingerprint_value(&stored), Some(fingerprint(&s)), "{name}");
+
+            let mut edited = stored.clone();
+            edited["name"] = serde_json::json!("renamed in the portal");
+            assert_ne!(fingerprint_value(&edited), Some(fingerprint(&s)), "{name}");
+            let mut foreign = stored.clone();
+            foreign["extensions"]
+                .as_object_mut()
+                .unwrap()
+                .remove(EXTENSION_ID);
+            assert_eq!(fingerprint_value(&foreign), None, "{name}");
+        }
     }
 }
