@@ -19,6 +19,7 @@ use crate::state::blob::BlobStore;
 use crate::state::file::FileStore;
 use crate::state::{CHECKPOINT, Checkpoint, StateError, StateStore};
 use crate::sync::{CycleResult, Pipeline, Progress, Sink, Source, run_cycle};
+use crate::workspace::WorkspaceReader;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -61,13 +62,17 @@ fn setting_problem(setting: &'static str, message: String) -> BuildError {
     })
 }
 
-/// Settings that are accepted but do nothing yet say so in the log of every cycle.
-pub fn warn_unimplemented(config: &Config) {
-    if config.sync.enable_deduplication {
-        tracing::warn!(
-            "ENABLE_DEDUPLICATION is set, but workspace reconciliation is not in this build yet; the local dedupe cache still applies"
-        );
+/// The workspace reader, when the settings turn reconciliation on.
+pub fn workspace_reader(config: &Config, http: &reqwest::Client) -> Option<WorkspaceReader> {
+    if !config.sync.enable_deduplication {
+        return None;
     }
+    let resource = config.workspace.as_ref()?;
+    Some(WorkspaceReader::new(
+        http.clone(),
+        resource,
+        RetryPolicy::DEFAULT,
+    ))
 }
 
 /// Everything a cycle needs, built once.
@@ -76,6 +81,7 @@ pub struct App {
     pub store: Arc<dyn StateStore>,
     pub mati: MatiClient,
     pub uploader: SentinelUploader,
+    pub workspace: Option<WorkspaceReader>,
 }
 
 impl App {
@@ -97,12 +103,14 @@ impl App {
             Arc::new(SlidingWindow::sentinel()),
             RetryPolicy::DEFAULT,
         )?;
+        let workspace = workspace_reader(&config, &http);
         let mati = MatiClient::new(http, mati_config, RetryPolicy::DEFAULT);
         Ok(App {
             config,
             store,
             mati,
             uploader,
+            workspace,
         })
     }
 
@@ -127,7 +135,6 @@ impl App {
         stop: Option<Arc<AtomicBool>>,
         progress: Option<Arc<Progress>>,
     ) -> CycleResult {
-        warn_unimplemented(&self.config);
         let pipeline = Pipeline {
             policy: &self.config.policy,
             stix: &self.config.stix,
@@ -135,6 +142,7 @@ impl App {
             store: self.store.as_ref(),
             source: Source::Mandiant(&self.mati),
             sink: Sink::Sentinel(&self.uploader),
+            workspace: self.workspace.as_ref(),
             stop,
             progress,
         };

@@ -63,6 +63,51 @@ impl Key {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DedupeCache {
     entries: HashMap<Key, Entry>,
+    /// Objects found in the workspace by a reconciliation, by pattern. Never saved: an
+    /// object's Mandiant id is learnt only when Mandiant sends it, and it is then recorded.
+    seeded: HashMap<Box<str>, Seeded>,
+}
+
+/// An indicator object the workspace already holds, read back by a reconciliation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seeded {
+    pub stix_uuid: [u8; 16],
+    /// `None` when it is not one of ours (another tool's object, or the vendor's): it is
+    /// then always re-sent once, under its own id.
+    pub fingerprint: Option<u64>,
+    pub valid_until: i64,
+}
+
+/// What Sentinel holds for an indicator, as far as we know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// The STIX UUID when it is not the one derived from the Mandiant id.
+    pub stix_uuid: Option<[u8; 16]>,
+    pub fingerprint: Option<u64>,
+    pub valid_until: i64,
+    /// Known from the workspace, not from our own upload: not in the cache yet.
+    pub seeded: bool,
+}
+
+impl Held {
+    /// The cache entry for it as it stands (a seeded object Sentinel already has).
+    pub fn entry(&self) -> Option<Entry> {
+        Some(Entry {
+            stix_uuid: self.stix_uuid,
+            fingerprint: self.fingerprint?,
+            valid_until: self.valid_until,
+        })
+    }
+}
+
+/// The decision for an object with this fingerprint and lifetime, given what Sentinel holds.
+pub fn judge(held: Option<&Held>, fingerprint: u64, valid_until: i64) -> Decision {
+    match held {
+        None => Decision::New,
+        Some(h) if h.fingerprint != Some(fingerprint) => Decision::Changed,
+        Some(h) if valid_until - h.valid_until > EXTEND_THRESHOLD_SECS => Decision::Extend,
+        Some(_) => Decision::Unchanged,
+    }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -129,12 +174,52 @@ impl DedupeCache {
     }
 
     pub fn decide(&self, mandiant_id: &str, fingerprint: u64, valid_until: i64) -> Decision {
-        match self.entries.get(&Key::of(mandiant_id)) {
-            None => Decision::New,
-            Some(e) if e.fingerprint != fingerprint => Decision::Changed,
-            Some(e) if valid_until - e.valid_until > EXTEND_THRESHOLD_SECS => Decision::Extend,
-            Some(_) => Decision::Unchanged,
+        let held = self.get(mandiant_id).map(|e| Held {
+            stix_uuid: e.stix_uuid,
+            fingerprint: Some(e.fingerprint),
+            valid_until: e.valid_until,
+            seeded: false,
+        });
+        judge(held.as_ref(), fingerprint, valid_until)
+    }
+
+    /// Remembers an object the workspace holds. When several share a pattern (duplicates
+    /// another tool left), the first is kept, so one of them is updated and no more are made.
+    /// Returns whether it was new.
+    pub fn seed(&mut self, pattern: &str, s: Seeded) -> bool {
+        if self.seeded.contains_key(pattern) {
+            return false;
         }
+        self.seeded.insert(pattern.into(), s);
+        true
+    }
+
+    pub fn seeded(&self) -> usize {
+        self.seeded.len()
+    }
+
+    /// What Sentinel holds for this indicator: what we recorded uploading, or else an object
+    /// with the same pattern found in the workspace (under the id derived from this Mandiant
+    /// id, or one to adopt).
+    pub fn lookup(&self, mandiant_id: &str, pattern: &str) -> Option<Held> {
+        if let Some(e) = self.get(mandiant_id) {
+            return Some(Held {
+                stix_uuid: e.stix_uuid,
+                fingerprint: Some(e.fingerprint),
+                valid_until: e.valid_until,
+                seeded: false,
+            });
+        }
+        if self.seeded.is_empty() {
+            return None;
+        }
+        let s = self.seeded.get(pattern)?;
+        Some(Held {
+            stix_uuid: (s.stix_uuid != derived_uuid(mandiant_id)).then_some(s.stix_uuid),
+            fingerprint: s.fingerprint,
+            valid_until: s.valid_until,
+            seeded: true,
+        })
     }
 
     pub fn record(&mut self, mandiant_id: &str, entry: Entry) {
@@ -238,7 +323,10 @@ impl DedupeCache {
         if r.at != bytes.len() {
             return Err(DecodeError::Corrupt);
         }
-        Ok(DedupeCache { entries })
+        Ok(DedupeCache {
+            entries,
+            seeded: HashMap::new(),
+        })
     }
 }
 
@@ -379,5 +467,63 @@ mod tests {
         let mut trailing = bytes;
         trailing.push(0);
         assert_eq!(DedupeCache::decode(&trailing), Err(DecodeError::Corrupt));
+    }
+
+    #[test]
+    fn a_seeded_object_is_found_by_pattern_and_adopted_unless_its_id_is_ours() {
+        let mut c = DedupeCache::new();
+        let id = "ipv4--296e3068-fe73-558d-a4b9-77ac5b9d4cf8";
+        let pattern = "[ipv4-addr:value = '1.2.3.4']";
+        assert_eq!(c.lookup(id, pattern), None);
+        let foreign = [7; 16];
+        assert!(c.seed(
+            pattern,
+            Seeded {
+                stix_uuid: foreign,
+                fingerprint: None,
+                valid_until: 10 * DAY
+            }
+        ));
+        assert!(
+            !c.seed(
+                pattern,
+                Seeded {
+                    stix_uuid: [8; 16],
+                    fingerprint: None,
+                    valid_until: 0
+                }
+            ),
+            "the first of two duplicates is kept"
+        );
+        let held = c.lookup(id, pattern).unwrap();
+        assert_eq!(held.stix_uuid, Some(foreign));
+        assert!(held.seeded);
+        assert_eq!(held.entry(), None, "a foreign object has no fingerprint");
+        assert_eq!(judge(Some(&held), 1, 10 * DAY), Decision::Changed);
+        assert_eq!(c.lookup(id, "[ipv4-addr:value = '1.2.3.5']"), None);
+
+        // Our own object, uploaded by an earlier install whose state was lost.
+        let own = "fqdn--e54a4f18-5d4d-56cd-8a41-a96938e9779f";
+        let own_pattern = "[domain-name:value = 'evil.example']";
+        c.seed(
+            own_pattern,
+            Seeded {
+                stix_uuid: derived_uuid(own),
+                fingerprint: Some(5),
+                valid_until: 10 * DAY,
+            },
+        );
+        let held = c.lookup(own, own_pattern).unwrap();
+        assert_eq!(held.stix_uuid, None, "the derived id needs no adopting");
+        assert_eq!(judge(Some(&held), 5, 10 * DAY), Decision::Unchanged);
+        assert_eq!(judge(Some(&held), 5, 12 * DAY), Decision::Extend);
+        assert_eq!(judge(Some(&held), 6, 10 * DAY), Decision::Changed);
+
+        // The cache wins over the seed, and the seed is never saved.
+        c.record(own, entry(9, 20 * DAY));
+        let held = c.lookup(own, own_pattern).unwrap();
+        assert!(!held.seeded && held.fingerprint == Some(9));
+        let back = DedupeCache::decode(&c.encode()).unwrap();
+        assert_eq!((back.len(), back.seeded()), (1, 0));
     }
 }

@@ -20,3 +20,4 @@ pub mod state;
 pub mod stix;
 pub mod sync;
 pub mod telemetry;
+pub mod workspace;

@@ -231,7 +231,10 @@ async fn sync(
         };
         Sink::Sentinel(&uploader)
     };
-    mati_sentinel::app::warn_unimplemented(&config);
+    // Reconciliation reads the workspace Sentinel uploads go to; a dry run uploads nothing.
+    let workspace = (!dry_run)
+        .then(|| mati_sentinel::app::workspace_reader(&config, &http))
+        .flatten();
 
     let pipeline = Pipeline {
         policy: &config.policy,
@@ -240,6 +243,7 @@ async fn sync(
         store: store.as_ref(),
         source,
         sink,
+        workspace: workspace.as_ref(),
         stop: None,
         progress: None,
     };

@@ -211,6 +211,15 @@ impl SentinelUploader {
         self.api
     }
 
+    pub fn source_system(&self) -> &str {
+        &self.source_system
+    }
+
+    /// Who asks for tokens, for messages (never a secret).
+    pub fn who(&self) -> &str {
+        &self.who
+    }
+
     /// The process-wide limiter, for a progress display (is anyone waiting on it?).
     pub fn limiter(&self) -> Arc<SlidingWindow> {
         self.limiter.clone()

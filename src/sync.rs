@@ -15,13 +15,14 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::{PolicyConfig, StixConfig, SyncConfig, UploadApi};
-use crate::dedupe::{Decision, DedupeCache, Entry};
+use crate::dedupe::{Decision, DedupeCache, Entry, Held, judge};
 use crate::mati::{MatiClient, MatiError, MatiPage, PageReader, WindowQuery, decode_indicator};
 use crate::policy::evaluate;
 use crate::retry::OutOfTime;
 use crate::sentinel::{MAX_BATCH, SentinelError, SentinelUploader};
 use crate::state::{CHECKPOINT, Checkpoint, DEDUPE_CACHE, Precondition, StateStore, Versioned};
-use crate::stix::{Clock, StixIndicator, expire, fingerprint, identity, to_stix};
+use crate::stix::{Clock, StixIndicator, expire, fingerprint, identity, to_stix, uuid_text};
+use crate::workspace::{WorkspaceError, WorkspaceReader};
 
 /// Consecutive windows overlap by this much, so an indicator updated at a window's edge is
 /// never missed; the dedupe cache makes the overlap free.
@@ -88,6 +89,8 @@ pub struct CycleReport {
     pub uploaded_by_type: UploadedByType,
     /// Indicators re-sent with `valid_until` now because they no longer pass the policy.
     pub expired: u64,
+    /// Indicator objects of our source read back from the workspace (`ENABLE_DEDUPLICATION`).
+    pub reconciled: u64,
     /// The Mandiant time span this cycle covered (RFC 3339), from its first window's start to
     /// where it stopped.
     pub window_start: Option<String>,
@@ -144,21 +147,31 @@ impl Progress {
 pub struct Planned {
     pub mandiant_id: String,
     pub stix: StixIndicator,
+    /// The workspace's own id for it, when adopted rather than derived (see `Entry`).
+    pub stix_uuid: Option<[u8; 16]>,
     pub fingerprint: u64,
     pub valid_until: i64,
+    /// `Unchanged` only for an object a reconciliation found in the workspace as it is: it
+    /// is recorded in the cache, not sent.
     pub decision: Decision,
 }
 
 impl Planned {
-    /// What the dedupe cache records once Sentinel accepted this object. The object went
-    /// under the id derived from the Mandiant id (`to_stix`), so no STIX id is stored.
+    /// What the dedupe cache records once Sentinel accepted (or already holds) this object.
     pub fn cache_entry(&self) -> Entry {
         Entry {
-            stix_uuid: None,
+            stix_uuid: self.stix_uuid,
             fingerprint: self.fingerprint,
             valid_until: self.valid_until,
         }
     }
+}
+
+/// Gives the object the id Sentinel already knows it by, when that is not the derived one.
+fn adopt(s: &mut StixIndicator, held: Option<&Held>) -> Option<[u8; 16]> {
+    let uuid = held?.stix_uuid?;
+    s.id = format!("indicator--{}", uuid_text(&uuid));
+    Some(uuid)
 }
 
 /// Pure: decodes, filters, maps and judges one page. `seen` holds the fingerprint of each
@@ -184,16 +197,21 @@ pub fn plan_page<'a>(
             Ok(o) => o,
             Err(reason) => {
                 *report.rejected.entry(reason.as_str()).or_default() += 1;
-                // Uploaded before and no longer wanted: expire it in Sentinel.
-                if cache.get(&ind.id).is_some()
+                // In Sentinel and no longer wanted: expire it there.
+                if (cache.get(&ind.id).is_some() || cache.seeded() > 0)
                     && let Ok(obs) = evaluate(&ind, &any_indicator(policy))
                 {
-                    let s = expire(to_stix(&ind, &obs, stix, clock), clock);
+                    let mut s = expire(to_stix(&ind, &obs, stix, clock), clock);
+                    let Some(held) = cache.lookup(&ind.id, &s.pattern) else {
+                        continue;
+                    };
+                    let stix_uuid = adopt(&mut s, Some(&held));
                     seen.insert(ind.id.clone(), fingerprint(&s));
                     out.push(Planned {
                         fingerprint: fingerprint(&s),
                         mandiant_id: ind.id,
                         stix: s,
+                        stix_uuid,
                         valid_until: clock.now.unix_timestamp(),
                         decision: Decision::Expire,
                     });
@@ -202,7 +220,9 @@ pub fn plan_page<'a>(
             }
         };
         report.kept += 1;
-        let s = to_stix(&ind, &obs, stix, clock);
+        let mut s = to_stix(&ind, &obs, stix, clock);
+        let held = cache.lookup(&ind.id, &s.pattern);
+        let stix_uuid = adopt(&mut s, held.as_ref());
         let fp = fingerprint(&s);
         if seen.get(&ind.id) == Some(&fp) {
             report.duplicates += 1;
@@ -210,10 +230,23 @@ pub fn plan_page<'a>(
         }
         seen.insert(ind.id.clone(), fp);
         let valid_until = clock.valid_until_unix(obs.kind);
-        let decision = cache.decide(&ind.id, fp, valid_until);
+        let decision = judge(held.as_ref(), fp, valid_until);
         match decision {
             Decision::Unchanged => {
                 report.unchanged += 1;
+                // Found in the workspace as it is: the cache learns it, nothing is sent.
+                if let Some(h) = held.filter(|h| h.seeded)
+                    && let Some(entry) = h.entry()
+                {
+                    out.push(Planned {
+                        mandiant_id: ind.id,
+                        stix: s,
+                        stix_uuid: entry.stix_uuid,
+                        fingerprint: entry.fingerprint,
+                        valid_until: entry.valid_until,
+                        decision,
+                    });
+                }
                 continue;
             }
             Decision::Extend => report.extended += 1,
@@ -222,6 +255,7 @@ pub fn plan_page<'a>(
         out.push(Planned {
             mandiant_id: ind.id,
             stix: s,
+            stix_uuid,
             fingerprint: fp,
             valid_until,
             decision,
@@ -275,6 +309,9 @@ pub struct Pipeline<'a> {
     pub store: &'a dyn StateStore,
     pub source: Source<'a>,
     pub sink: Sink<'a>,
+    /// Reads the workspace back when the cache cannot be trusted to know it
+    /// (`ENABLE_DEDUPLICATION`); only with a Sentinel sink.
+    pub workspace: Option<&'a WorkspaceReader>,
     /// Set by a signal handler: the cycle stops at the next batch boundary, state saved.
     pub stop: Option<Arc<AtomicBool>>,
     /// Updated as pages and batches complete, when someone shows progress.
@@ -337,6 +374,11 @@ impl Run<'_> {
     /// never carries the same id twice.
     fn enqueue(&mut self, planned: Vec<Planned>) {
         for p in planned {
+            if p.decision == Decision::Unchanged {
+                self.cache.record(&p.mandiant_id, p.cache_entry());
+                self.cache_dirty = true;
+                continue;
+            }
             if let Some(existing) = self
                 .pending
                 .iter_mut()
@@ -617,6 +659,10 @@ async fn cycle_with_lock(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instan
         report.retries += m.stats.retries();
         report.throttled += m.stats.throttled();
     }
+    if let Some(w) = p.workspace {
+        report.retries += w.stats.retries();
+        report.throttled += w.stats.throttled();
+    }
     report.duration_ms = started.elapsed().as_millis() as u64;
     let error = match result {
         Ok(reason) => {
@@ -638,6 +684,9 @@ fn set_deadlines(p: &Pipeline<'_>, deadline: Option<Instant>) {
     }
     if let Sink::Sentinel(u) = &p.sink {
         u.deadline.set(deadline);
+    }
+    if let Some(w) = p.workspace {
+        w.deadline.set(deadline);
     }
 }
 
@@ -671,6 +720,21 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
         checkpoint = ?checkpoint.as_ref().map(|c| c.window_start),
         "cycle started"
     );
+
+    if let (Some(reader), Sink::Sentinel(uploader)) = (p.workspace, &p.sink) {
+        // An empty cache (first run, lost state, a migration) knows nothing of what is there;
+        // during a backfill the workspace may still hold objects under ids we never saw.
+        let untrusted =
+            run.cache.is_empty() || checkpoint.as_ref().is_none_or(|c| c.backfill_in_progress);
+        if untrusted {
+            reconcile(run, reader, uploader)
+                .instrument(tracing::info_span!("reconcile"))
+                .await
+                .context(
+                    "reading the indicators already in the workspace (ENABLE_DEDUPLICATION)",
+                )?;
+        }
+    }
 
     let now_unix = run.now.unix_timestamp();
     let client = match &p.source {
@@ -750,6 +814,29 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
     Ok(StopReason::Completed)
 }
 
+/// Seeds the cache's view of the workspace with every indicator of our source it holds.
+async fn reconcile(
+    run: &mut Run<'_>,
+    reader: &WorkspaceReader,
+    uploader: &SentinelUploader,
+) -> Result<(), WorkspaceError> {
+    let cache = &mut run.cache;
+    let stats = reader
+        .read_all(uploader.source_system(), uploader, |f| {
+            cache.seed(&f.pattern, f.seeded);
+        })
+        .await?;
+    run.report.reconciled = stats.found;
+    tracing::info!(
+        pages = stats.pages,
+        indicators = stats.found,
+        distinct_patterns = run.cache.seeded(),
+        skipped = stats.skipped,
+        "read the workspace's indicators"
+    );
+    Ok(())
+}
+
 /// Pages through one window and sends everything it kept.
 async fn fetch_window(
     run: &mut Run<'_>,
@@ -786,6 +873,10 @@ fn is_out_of_time(e: &anyhow::Error) -> bool {
             || matches!(
                 c.downcast_ref::<SentinelError>(),
                 Some(SentinelError::OutOfTime(_))
+            )
+            || matches!(
+                c.downcast_ref::<WorkspaceError>(),
+                Some(WorkspaceError::OutOfTime(_))
             )
     })
 }
@@ -1026,5 +1117,117 @@ mod tests {
         );
         assert_eq!(p.stix.valid_from, "2026-11-01T00:00:00.000Z");
         assert_eq!(report.rejected.get("low_threat_score"), Some(&2));
+    }
+
+    #[test]
+    fn objects_found_in_the_workspace_are_adopted_or_learnt_never_duplicated() {
+        let feed = page(
+            r#"{"indicators":[
+                {"id":"ipv4--own","type":"ipv4","value":"1.1.1.1","mscore":90,"threat_rating":{"threat_score":90}},
+                {"id":"ipv4--vendor","type":"ipv4","value":"2.2.2.2","mscore":90,"threat_rating":{"threat_score":90}},
+                {"id":"ipv4--gone","type":"ipv4","value":"3.3.3.3","mscore":90,"threat_rating":{"threat_score":10}},
+                {"id":"ipv4--new","type":"ipv4","value":"4.4.4.4","mscore":90,"threat_rating":{"threat_score":90}}]}"#,
+        );
+        let clock = Clock::new(NOW, &stix());
+        // What an earlier install uploaded, as it would read back.
+        let mut earlier = CycleReport::default();
+        let own = plan_page(
+            feed.indicators().take(1),
+            &policy(),
+            &stix(),
+            &DedupeCache::new(),
+            &mut HashMap::new(),
+            &clock,
+            &mut earlier,
+        )
+        .remove(0);
+        let mut cache = DedupeCache::new();
+        cache.seed(
+            &own.stix.pattern,
+            crate::dedupe::Seeded {
+                stix_uuid: crate::dedupe::derived_uuid("ipv4--own"),
+                fingerprint: crate::stix::fingerprint_value(
+                    &serde_json::to_value(&own.stix).unwrap(),
+                ),
+                valid_until: own.valid_until,
+            },
+        );
+        let vendor = [0x5a; 16];
+        for pattern in [
+            "[ipv4-addr:value = '2.2.2.2']",
+            "[ipv4-addr:value = '3.3.3.3']",
+        ] {
+            cache.seed(
+                pattern,
+                crate::dedupe::Seeded {
+                    stix_uuid: vendor,
+                    fingerprint: None,
+                    valid_until: NOW.unix_timestamp() + 86_400,
+                },
+            );
+        }
+        let mut report = CycleReport::default();
+        let planned = plan_page(
+            feed.indicators(),
+            &policy(),
+            &stix(),
+            &cache,
+            &mut HashMap::new(),
+            &clock,
+            &mut report,
+        );
+        let by_id: HashMap<&str, &Planned> = planned
+            .iter()
+            .map(|p| (p.mandiant_id.as_str(), p))
+            .collect();
+        assert_eq!(by_id.len(), 4);
+
+        let own = by_id["ipv4--own"];
+        assert_eq!(
+            own.decision,
+            Decision::Unchanged,
+            "there as it is: learnt, not sent"
+        );
+        assert_eq!(own.cache_entry().stix_uuid, None);
+        assert_eq!(report.unchanged, 1);
+
+        let adopted = by_id["ipv4--vendor"];
+        assert_eq!(adopted.decision, Decision::Changed);
+        assert_eq!(
+            adopted.stix.id,
+            format!("indicator--{}", uuid_text(&vendor))
+        );
+        assert_eq!(
+            adopted.cache_entry().stix_uuid,
+            Some(vendor),
+            "the cache keeps the adopted id"
+        );
+        assert_eq!(adopted.fingerprint, fingerprint(&adopted.stix));
+
+        let gone = by_id["ipv4--gone"];
+        assert_eq!(
+            gone.decision,
+            Decision::Expire,
+            "in the workspace and no longer wanted"
+        );
+        assert_eq!(gone.stix.id, format!("indicator--{}", uuid_text(&vendor)));
+
+        let new = by_id["ipv4--new"];
+        assert_eq!(new.decision, Decision::New);
+        assert_eq!(new.stix.id, crate::stix::indicator_id("ipv4--new"));
+
+        // Recorded with its adopted id, later cycles keep using it without the seed.
+        let mut later = DedupeCache::new();
+        later.record("ipv4--vendor", adopted.cache_entry());
+        let again = plan_page(
+            feed.indicators().skip(1).take(1),
+            &policy(),
+            &stix(),
+            &later,
+            &mut HashMap::new(),
+            &clock,
+            &mut CycleReport::default(),
+        );
+        assert!(again.is_empty(), "unchanged under the adopted id");
     }
 }
