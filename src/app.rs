@@ -13,7 +13,6 @@ use time::OffsetDateTime;
 use crate::config::{Config, ConfigError, Problem, StateConfig};
 use crate::mati::{APP_NAME, MatiClient};
 use crate::rate_limit::SlidingWindow;
-use crate::retry::RetryPolicy;
 use crate::sentinel::{SentinelError, SentinelUploader};
 use crate::state::blob::BlobStore;
 use crate::state::file::FileStore;
@@ -71,7 +70,7 @@ pub fn workspace_reader(config: &Config, http: &reqwest::Client) -> Option<Works
     Some(WorkspaceReader::new(
         http.clone(),
         resource,
-        RetryPolicy::DEFAULT,
+        config.sync.retry_policy(),
     ))
 }
 
@@ -101,10 +100,10 @@ impl App {
             &sentinel_config,
             // One limiter for the whole process: Sentinel counts requests per identity.
             Arc::new(SlidingWindow::sentinel()),
-            RetryPolicy::DEFAULT,
+            config.sync.retry_policy(),
         )?;
         let workspace = workspace_reader(&config, &http);
-        let mati = MatiClient::new(http, mati_config, RetryPolicy::DEFAULT);
+        let mati = MatiClient::new(http, mati_config, config.sync.retry_policy());
         Ok(App {
             config,
             store,

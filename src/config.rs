@@ -23,6 +23,7 @@ pub mod defaults {
     pub const MINIMUM_THREAT_SCORE: u8 = 80;
     pub const SYNC_SCHEDULE_HOURS: u32 = 4;
     pub const SYNC_TIME_BUDGET_SECONDS: u64 = 1500;
+    pub const HTTP_TIMEOUT_SECONDS: u64 = 120;
     pub const SOURCE_SYSTEM: &str = "Mandiant";
     pub const STATE_DIR: &str = "./.mati-sentinel";
     pub const TIMER_SCHEDULE: &str = "0 */15 * * * *";
@@ -227,6 +228,18 @@ pub struct SyncConfig {
     pub time_budget: Duration,
     pub timer_schedule: String,
     pub enable_deduplication: bool,
+    /// How long one HTTP request may take before it counts as hung (and is retried).
+    pub http_timeout: Duration,
+}
+
+impl SyncConfig {
+    /// The retry limits every client uses, with the configured request timeout.
+    pub fn retry_policy(&self) -> crate::retry::RetryPolicy {
+        crate::retry::RetryPolicy {
+            request_timeout: self.http_timeout,
+            ..crate::retry::RetryPolicy::DEFAULT
+        }
+    }
 }
 
 /// Everything the product reads from its settings. Sections that a command does not need
@@ -308,6 +321,7 @@ pub const SETTINGS: &[&str] = &[
     "INITIAL_LOOKBACK",
     "SYNC_SCHEDULE",
     "SYNC_TIME_BUDGET_SECONDS",
+    "HTTP_TIMEOUT_SECONDS",
     "ENABLE_DEDUPLICATION",
     "STATE_CONTAINER_URL",
     "STATE_CONTAINER_SAS_URL",
@@ -600,6 +614,12 @@ impl Config {
             )),
             timer_schedule,
             enable_deduplication: r.boolean("ENABLE_DEDUPLICATION", false),
+            http_timeout: Duration::from_secs(r.number(
+                "HTTP_TIMEOUT_SECONDS",
+                defaults::HTTP_TIMEOUT_SECONDS,
+                5,
+                600,
+            )),
         };
 
         let state = read_state(&mut r);

@@ -181,7 +181,7 @@ async fn sync(
                 .mati
                 .clone()
                 .expect("Mandiant settings were required");
-            mati = MatiClient::new(http.clone(), mc, RetryPolicy::DEFAULT);
+            mati = MatiClient::new(http.clone(), mc, config.sync.retry_policy());
             Source::Mandiant(&mati)
         }
     };
@@ -222,13 +222,14 @@ async fn sync(
             .as_ref()
             .expect("Sentinel settings were required");
         let limiter = Arc::new(SlidingWindow::sentinel());
-        uploader = match SentinelUploader::new(http.clone(), sc, limiter, RetryPolicy::DEFAULT) {
-            Ok(u) => u,
-            Err(e) => {
-                eprintln!("mati-sentinel: {e}");
-                return EXIT_FAILED;
-            }
-        };
+        uploader =
+            match SentinelUploader::new(http.clone(), sc, limiter, config.sync.retry_policy()) {
+                Ok(u) => u,
+                Err(e) => {
+                    eprintln!("mati-sentinel: {e}");
+                    return EXIT_FAILED;
+                }
+            };
         Sink::Sentinel(&uploader)
     };
     // Reconciliation reads the workspace Sentinel uploads go to; a dry run uploads nothing.
@@ -482,7 +483,7 @@ async fn check() -> u8 {
     let http = http_client();
     let retry = RetryPolicy {
         max_attempts: 2,
-        ..RetryPolicy::DEFAULT
+        ..config.sync.retry_policy()
     };
 
     let mati = MatiClient::new(http.clone(), config.mati.clone().expect("required"), retry);
@@ -497,17 +498,34 @@ async fn check() -> u8 {
 
     let sc = config.sentinel.as_ref().expect("required");
     match SentinelUploader::new(http.clone(), sc, Arc::new(SlidingWindow::sentinel()), retry) {
-        Ok(u) => match u.token(false).await {
-            Ok(_) => line(
-                true,
-                "Sentinel",
-                format!(
-                    "Entra token issued for {}; the upload permission is proven by the first upload",
-                    sc.token_scope
+        Ok(u) => {
+            match u.token(false).await {
+                Ok(_) => line(
+                    true,
+                    "Sentinel",
+                    format!(
+                        "Entra token issued for {}; the upload permission is proven by the first upload",
+                        sc.token_scope
+                    ),
                 ),
-            ),
-            Err(e) => line(false, "Sentinel", format!("{e}")),
-        },
+                Err(e) => line(false, "Sentinel", format!("{e}")),
+            }
+            if let Some(reader) = mati_sentinel::app::workspace_reader(&config, &http) {
+                match reader.probe(u.source_system(), &u).await {
+                    Ok(page) => line(
+                        true,
+                        "workspace",
+                        format!(
+                            "the management API lists {}{} indicator(s) from {}",
+                            page.found.len(),
+                            if page.next_link.is_some() { "+" } else { "" },
+                            u.source_system()
+                        ),
+                    ),
+                    Err(e) => line(false, "workspace", format!("{e}")),
+                }
+            }
+        }
         Err(e) => line(false, "Sentinel", format!("{e}")),
     }
 

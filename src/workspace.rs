@@ -211,6 +211,16 @@ impl WorkspaceReader {
         }
     }
 
+    /// Reads the first page only (`check`): proves the token, the role and the resource.
+    pub async fn probe(
+        &self,
+        source_system: &str,
+        tokens: &SentinelUploader,
+    ) -> Result<Page, WorkspaceError> {
+        let body = query_body(source_system).to_string();
+        self.page(&self.url, &body, tokens).await
+    }
+
     /// One page, with bounded retries; the same body goes to the `nextLink` URL.
     async fn page(
         &self,

@@ -46,6 +46,7 @@ EXEMPT = {
     "SENTINEL_ENDPOINT": "endpoint override; the default follows AZURE_CLOUD",
     "AZURE_AUTHORITY_HOST": "endpoint override; the default follows AZURE_CLOUD",
     "AZURE_RESOURCE_MANAGER_ENDPOINT": "endpoint override; the default follows AZURE_CLOUD",
+    "HTTP_TIMEOUT_SECONDS": "tuning for slow links; the default suits Azure's own network",
 }
 
 VENDOR_PARAMETERS = {
