@@ -10,6 +10,7 @@
 pub mod app;
 pub mod config;
 pub mod dedupe;
+pub mod failpoint;
 pub mod handler;
 pub mod mati;
 pub mod policy;

@@ -462,6 +462,7 @@ impl Run<'_> {
             .upload(&objects)
             .instrument(tracing::info_span!("upload_batch", objects = objects.len()))
             .await?;
+        crate::failpoint::reach("mid_upload").await;
         let offset = usize::from(with_identity);
         if with_identity {
             self.identity_sent = true;
@@ -797,6 +798,7 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
         }
         // The window is in Sentinel: save the cache first, then move the checkpoint.
         run.save_cache().await.context("saving the dedupe cache")?;
+        crate::failpoint::reach("after_cache_write").await;
         if !matches!(p.sink, Sink::DryRun(_)) {
             let cp = Checkpoint {
                 format: Checkpoint::FORMAT,
@@ -845,25 +847,53 @@ async fn fetch_window(
     end: i64,
 ) -> anyhow::Result<Flow> {
     use anyhow::Context;
-    let first = client
-        .first_page(&WindowQuery {
-            start_epoch: start,
-            end_epoch: end,
-            min_confidence: run.p.policy.min_confidence,
-            exclude_osint: run.p.policy.exclude_osint,
-        })
-        .await
-        .with_context(|| {
-            format!(
-                "fetching Mandiant indicators updated from {} to {}",
-                rfc3339(start),
-                rfc3339(end)
-            )
-        })?;
-    if let Flow::OutOfTime = run.page_window(client, first).await? {
-        return Ok(Flow::OutOfTime);
+    let mut restarted = false;
+    loop {
+        let first = client
+            .first_page(&WindowQuery {
+                start_epoch: start,
+                end_epoch: end,
+                min_confidence: run.p.policy.min_confidence,
+                exclude_osint: run.p.policy.exclude_osint,
+            })
+            .await
+            .with_context(|| {
+                format!(
+                    "fetching Mandiant indicators updated from {} to {}",
+                    rfc3339(start),
+                    rfc3339(end)
+                )
+            })?;
+        match run.page_window(client, first).await {
+            Ok(Flow::OutOfTime) => return Ok(Flow::OutOfTime),
+            Ok(Flow::Continue) => break,
+            // A `next` cursor that lapsed (a slow cycle, a long retry): page the window
+            // again from its start; what was already planned is skipped as seen.
+            Err(e) if !restarted && is_expired_cursor(&e) => {
+                tracing::warn!(error = %format!("{e:#}"), "Mandiant refused the next cursor; paging the window again from its start");
+                restarted = true;
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "paging Mandiant indicators updated from {} to {}",
+                    rfc3339(start),
+                    rfc3339(end)
+                )));
+            }
+        }
     }
+    crate::failpoint::reach("after_fetch").await;
     run.flush(true).await
+}
+
+/// Mandiant answers a `next` it no longer knows with 400.
+fn is_expired_cursor(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<MatiError>(),
+            Some(MatiError::Status { status: 400, what, .. }) if what.contains("(next)")
+        )
+    })
 }
 
 fn is_out_of_time(e: &anyhow::Error) -> bool {
