@@ -384,7 +384,11 @@ fn print_summary(r: &CycleReport, output: Option<&std::path::Path>) {
             ),
         ),
         ("expired", r.expired.to_string()),
-        ("refused", r.refused.to_string()),
+        (
+            "refused",
+            format!("{}{}", r.refused, detail(vec![("given up", r.abandoned)])),
+        ),
+        ("reconciled", r.reconciled.to_string()),
         ("requests", r.upload_requests.to_string()),
         (
             "retries",

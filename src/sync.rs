@@ -20,7 +20,10 @@ use crate::mati::{MatiClient, MatiError, MatiPage, PageReader, WindowQuery, deco
 use crate::policy::evaluate;
 use crate::retry::OutOfTime;
 use crate::sentinel::{MAX_BATCH, SentinelError, SentinelUploader};
-use crate::state::{CHECKPOINT, Checkpoint, DEDUPE_CACHE, Precondition, StateStore, Versioned};
+use crate::state::{
+    CHECKPOINT, Checkpoint, DEDUPE_CACHE, Precondition, REFUSED, Refused, RefusedQueue, StateStore,
+    Versioned,
+};
 use crate::stix::{Clock, StixIndicator, expire, fingerprint, identity, to_stix, uuid_text};
 use crate::workspace::{WorkspaceError, WorkspaceReader};
 
@@ -78,8 +81,10 @@ pub struct CycleReport {
     /// Objects Sentinel accepted (or, in a dry run, would be sent).
     pub uploaded: u64,
     pub upload_requests: u64,
-    /// Objects Sentinel refused with an error message.
+    /// Objects Sentinel refused with an error message (queued to be sent again next cycle).
     pub refused: u64,
+    /// Refused objects dropped from the queue after `MAX_REFUSED_ATTEMPTS` cycles.
+    pub abandoned: u64,
     pub refusals: Vec<Refusal>,
     pub retries: u64,
     pub throttled: u64,
@@ -337,6 +342,10 @@ struct Run<'a> {
     seen: HashMap<String, u64>,
     pending: Vec<Planned>,
     identity_sent: bool,
+    /// Objects Sentinel refused, by Mandiant id, to be sent again by the next cycle.
+    refused: HashMap<String, Refused>,
+    refused_read: Option<Versioned>,
+    refused_dirty: bool,
     report: CycleReport,
 }
 
@@ -471,6 +480,10 @@ impl Run<'_> {
             let Some(p) = i.checked_sub(offset).and_then(|i| batch.get(i)) else {
                 continue;
             };
+            // A newer version got in: an older refused one must never be resent over it.
+            if self.refused.remove(&p.mandiant_id).is_some() {
+                self.refused_dirty = true;
+            }
             if p.decision == Decision::Expire {
                 self.cache.remove(&p.mandiant_id);
                 self.cache_dirty = true;
@@ -490,6 +503,21 @@ impl Run<'_> {
             // Forget it was seen, so a later copy in this cycle is tried again.
             self.seen.remove(&p.mandiant_id);
             self.report.refused += 1;
+            let attempts = self.refused.get(&p.mandiant_id).map_or(0, |r| r.attempts) + 1;
+            self.refused.insert(
+                p.mandiant_id.clone(),
+                Refused {
+                    mandiant_id: p.mandiant_id.clone(),
+                    object: serde_json::to_value(&p.stix)?,
+                    stix_uuid: p.stix_uuid,
+                    fingerprint: p.fingerprint,
+                    valid_until: p.valid_until,
+                    expire: p.decision == Decision::Expire,
+                    attempts,
+                    message: message.clone(),
+                },
+            );
+            self.refused_dirty = true;
             tracing::warn!(mandiant_id = %p.mandiant_id, stix_id = %p.stix.id, reason = %message, "Sentinel refused an indicator");
             if self.report.refusals.len() < REFUSALS_KEPT {
                 self.report.refusals.push(Refusal {
@@ -503,7 +531,34 @@ impl Run<'_> {
     }
 
     async fn save_cache(&mut self) -> anyhow::Result<()> {
-        if !self.cache_dirty || matches!(self.p.sink, Sink::DryRun(_)) {
+        if matches!(self.p.sink, Sink::DryRun(_)) {
+            return Ok(());
+        }
+        // The queue first: an object must be in it before the checkpoint passes its window.
+        if self.refused_dirty {
+            let mut queue = RefusedQueue {
+                format: RefusedQueue::FORMAT,
+                objects: self.refused.values().cloned().collect(),
+            };
+            queue
+                .objects
+                .sort_by(|a, b| a.mandiant_id.cmp(&b.mandiant_id));
+            let version = self
+                .p
+                .store
+                .write(
+                    REFUSED,
+                    &queue.encode(),
+                    Precondition::from_read(self.refused_read.as_ref()),
+                )
+                .await?;
+            self.refused_read = Some(Versioned {
+                bytes: Vec::new(),
+                version,
+            });
+            self.refused_dirty = false;
+        }
+        if !self.cache_dirty {
             return Ok(());
         }
         let bytes = self.cache.encode();
@@ -628,6 +683,9 @@ async fn cycle_with_lock(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instan
         seen: HashMap::new(),
         pending: Vec::new(),
         identity_sent: false,
+        refused: HashMap::new(),
+        refused_read: None,
+        refused_dirty: false,
         report: CycleReport {
             dry_run,
             ..Default::default()
@@ -716,8 +774,30 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
             Err(e) => tracing::warn!(error = %e, "ignoring an unreadable dedupe cache"),
         }
     }
+    if !matches!(p.sink, Sink::DryRun(_)) {
+        run.refused_read = p
+            .store
+            .read(REFUSED)
+            .await
+            .context("reading the queue of refused objects")?;
+        if let Some(v) = &run.refused_read {
+            match RefusedQueue::decode(&v.bytes) {
+                Ok(q) => {
+                    run.refused = q
+                        .objects
+                        .into_iter()
+                        .map(|r| (r.mandiant_id.clone(), r))
+                        .collect()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring an unreadable queue of refused objects")
+                }
+            }
+        }
+    }
     tracing::info!(
         cache_entries = run.cache.len(),
+        refused_queued = run.refused.len(),
         checkpoint = ?checkpoint.as_ref().map(|c| c.window_start),
         "cycle started"
     );
@@ -735,6 +815,12 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
                     "reading the indicators already in the workspace (ENABLE_DEDUPLICATION)",
                 )?;
         }
+    }
+
+    if let Sink::Sentinel(uploader) = &p.sink {
+        resend_refused(run, uploader)
+            .await
+            .context("sending again the objects Sentinel refused last time")?;
     }
 
     let now_unix = run.now.unix_timestamp();
@@ -814,6 +900,72 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
     }
     finish(run, Some(&mut checkpoint_version), Some(start)).await?;
     Ok(StopReason::Completed)
+}
+
+/// Sentinel refused an object in this many cycles: it is dropped from the queue (and logged
+/// as an error), since Sentinel will not take it as it is; a Mandiant update brings it back.
+pub const MAX_REFUSED_ATTEMPTS: u32 = 5;
+
+/// Sends again, before anything new, what Sentinel refused in earlier cycles.
+async fn resend_refused(run: &mut Run<'_>, uploader: &SentinelUploader) -> anyhow::Result<()> {
+    let mut ids: Vec<String> = run.refused.keys().cloned().collect();
+    ids.sort();
+    for chunk in ids.chunks(MAX_BATCH) {
+        if run.out_of_time() {
+            return Ok(());
+        }
+        let objects: Vec<String> = chunk
+            .iter()
+            .map(|id| run.refused[id].object.to_string())
+            .collect();
+        run.report.upload_requests += 1;
+        let outcome = uploader
+            .upload(&objects)
+            .instrument(tracing::info_span!(
+                "upload_batch",
+                objects = objects.len(),
+                resend = true
+            ))
+            .await?;
+        for i in outcome.accepted {
+            let Some(r) = chunk.get(i).and_then(|id| run.refused.remove(id)) else {
+                continue;
+            };
+            if r.expire {
+                run.cache.remove(&r.mandiant_id);
+                run.report.expired += 1;
+            } else {
+                run.cache.record(
+                    &r.mandiant_id,
+                    Entry {
+                        stix_uuid: r.stix_uuid,
+                        fingerprint: r.fingerprint,
+                        valid_until: r.valid_until,
+                    },
+                );
+                run.report.uploaded += 1;
+                run.report
+                    .uploaded_by_type
+                    .count(r.object["pattern"].as_str().unwrap_or(""));
+            }
+            run.cache_dirty = true;
+        }
+        for (i, message) in outcome.refused {
+            let Some(id) = chunk.get(i) else { continue };
+            run.report.refused += 1;
+            let r = run.refused.get_mut(id).expect("queued");
+            r.attempts += 1;
+            r.message = message;
+            if r.attempts >= MAX_REFUSED_ATTEMPTS {
+                let r = run.refused.remove(id).expect("queued");
+                run.report.abandoned += 1;
+                tracing::error!(mandiant_id = %r.mandiant_id, attempts = r.attempts, reason = %r.message, "Sentinel keeps refusing an indicator; giving up on it until Mandiant updates it");
+            }
+        }
+        run.refused_dirty = true;
+        run.show_progress();
+    }
+    Ok(())
 }
 
 /// Seeds the cache's view of the workspace with every indicator of our source it holds.

@@ -175,6 +175,8 @@ pub fn summary_event(r: &CycleReport, api: &str) {
         uploaded_hash = r.uploaded_by_type.hash,
         expired = r.expired,
         refused = r.refused,
+        abandoned = r.abandoned,
+        reconciled = r.reconciled,
         upload_requests = r.upload_requests,
         retries = r.retries,
         throttled = r.throttled,

@@ -76,6 +76,54 @@ pub trait StateStore: Send + Sync {
 
 pub const CHECKPOINT: &str = "checkpoint.json";
 pub const DEDUPE_CACHE: &str = "dedupe-cache.bin";
+pub const REFUSED: &str = "refused.json";
+
+/// Objects Sentinel refused (an `errors[]` entry), kept to be sent again by later cycles: the
+/// checkpoint moves past their window, so nothing else would bring them back until Mandiant
+/// updates them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RefusedQueue {
+    pub format: u32,
+    pub objects: Vec<Refused>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Refused {
+    pub mandiant_id: String,
+    /// The STIX object as it was sent.
+    pub object: serde_json::Value,
+    /// What the dedupe cache records once it is accepted.
+    pub stix_uuid: Option<[u8; 16]>,
+    pub fingerprint: u64,
+    pub valid_until: i64,
+    /// An expiry (the cache forgets the indicator once accepted).
+    pub expire: bool,
+    /// Cycles in which Sentinel refused it.
+    pub attempts: u32,
+    pub message: String,
+}
+
+impl RefusedQueue {
+    pub const FORMAT: u32 = 1;
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, StateError> {
+        let q: RefusedQueue = serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
+            name: REFUSED.into(),
+            reason: e.to_string(),
+        })?;
+        if q.format != Self::FORMAT {
+            return Err(StateError::Corrupt {
+                name: REFUSED.into(),
+                reason: format!("unknown format {}", q.format),
+            });
+        }
+        Ok(q)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("the refused queue serialises")
+    }
+}
 
 /// Where the next cycle starts. Never holds a Mandiant `next` cursor: those expire.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,5 +203,27 @@ mod tests {
         other.format = 2;
         assert!(Checkpoint::decode(&other.encode()).is_err());
         assert!(Checkpoint::decode(b"{").is_err());
+    }
+
+    #[test]
+    fn the_refused_queue_round_trips_and_rejects_unknown_formats() {
+        let q = RefusedQueue {
+            format: RefusedQueue::FORMAT,
+            objects: vec![Refused {
+                mandiant_id: "ipv4--1".into(),
+                object: serde_json::json!({"type": "indicator", "pattern": "[ipv4-addr:value = '1.2.3.4']"}),
+                stix_uuid: Some([7; 16]),
+                fingerprint: u64::MAX,
+                valid_until: 1_800_000_000,
+                expire: false,
+                attempts: 2,
+                message: "Error for Property=pattern".into(),
+            }],
+        };
+        assert_eq!(RefusedQueue::decode(&q.encode()).unwrap(), q);
+        let mut other = q.clone();
+        other.format = 2;
+        assert!(RefusedQueue::decode(&other.encode()).is_err());
+        assert!(RefusedQueue::decode(b"[]").is_err());
     }
 }
