@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use azure_core::credentials::TokenCredential;
-use azure_core::http::{ClientOptions, Transport};
+use azure_core::http::{ClientOptions, ExponentialRetryOptions, RetryOptions, Transport};
 use azure_identity::{
     ClientSecretCredential, ClientSecretCredentialOptions, ManagedIdentityCredential,
     ManagedIdentityCredentialOptions, UserAssignedId,
@@ -67,6 +67,15 @@ pub fn build_credential(
     let client_options = ClientOptions {
         transport: Some(Transport::new(Arc::new(http.clone()))),
         cloud: Some(Arc::new(cloud.into())),
+        // The SDK's default keeps asking a failing token endpoint for a minute, outside the
+        // cycle's deadline; a few quick retries cover a blip, and a longer outage fails the
+        // cycle (nothing recorded, so the next tick sends everything).
+        retry: RetryOptions::exponential(ExponentialRetryOptions {
+            initial_delay: azure_core::time::Duration::milliseconds(500),
+            max_retries: 3,
+            max_total_elapsed: azure_core::time::Duration::seconds(15),
+            max_delay: azure_core::time::Duration::seconds(4),
+        }),
         ..Default::default()
     };
     match &c.auth {

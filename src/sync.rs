@@ -576,6 +576,8 @@ impl Run<'_> {
             version,
         });
         self.cache_dirty = false;
+        // Every save is followed by a checkpoint write (or the cycle's end).
+        crate::failpoint::reach("after_cache_write").await;
         Ok(())
     }
 
@@ -884,7 +886,6 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
         }
         // The window is in Sentinel: save the cache first, then move the checkpoint.
         run.save_cache().await.context("saving the dedupe cache")?;
-        crate::failpoint::reach("after_cache_write").await;
         if !matches!(p.sink, Sink::DryRun(_)) {
             let cp = Checkpoint {
                 format: Checkpoint::FORMAT,

@@ -184,6 +184,8 @@ pub struct Mandiant {
     pub next_with_extras: usize,
     pub missing_app_name: usize,
     pub faults: VecDeque<Fault>,
+    /// Served only to requests that carry `next` (an expired cursor, for one).
+    pub next_faults: VecDeque<Fault>,
     pub token_faults: VecDeque<Fault>,
     /// Refuse the current token once on the request with this index (token expired mid-paging).
     pub expire_token_at_request: Option<usize>,
@@ -242,7 +244,12 @@ pub fn mandiant_router(state: Shared<Mandiant>) -> Router {
             if header(&headers, "x-app-name").is_empty() {
                 m.missing_app_name += 1;
             }
-            (m.faults.pop_front(), m.data_requests.len() - 1)
+            let fault = if q.contains_key("next") {
+                m.next_faults.pop_front().or_else(|| m.faults.pop_front())
+            } else {
+                m.faults.pop_front()
+            };
+            (fault, m.data_requests.len() - 1)
         };
         if let Some(r) = apply(fault).await {
             return r;
@@ -322,6 +329,21 @@ pub struct Entra {
     pub requests: usize,
     pub scopes: Vec<String>,
     pub faults: VecDeque<Fault>,
+    /// `expires_in` of the tokens issued (3599 when unset).
+    pub lifetime_secs: Option<u64>,
+    /// When each issued token expires; Sentinel refuses a token past it.
+    pub expiry: TokenExpiry,
+}
+
+/// Shared by the fake Entra (which issues tokens) and the fakes that check them.
+pub type TokenExpiry = Arc<Mutex<BTreeMap<String, Instant>>>;
+
+fn token_expired(expiry: &TokenExpiry, token: &str) -> bool {
+    expiry
+        .lock()
+        .unwrap()
+        .get(token)
+        .is_some_and(|t| Instant::now() >= *t)
 }
 
 pub fn entra_router(state: Shared<Entra>) -> Router {
@@ -355,7 +377,13 @@ pub fn entra_router(state: Shared<Entra>) -> Router {
         e.scopes
             .push(form.get("scope").cloned().unwrap_or_default());
         let n = e.requests;
-        Json(json!({"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": format!("entra-token-{n}")}))
+        let lifetime = e.lifetime_secs.unwrap_or(3599);
+        let token = format!("entra-token-{n}");
+        e.expiry.lock().unwrap().insert(
+            token.clone(),
+            Instant::now() + Duration::from_secs(lifetime),
+        );
+        Json(json!({"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": token}))
             .into_response()
     }
     Router::new()
@@ -380,6 +408,13 @@ pub struct Sentinel {
     pub faults: VecDeque<Fault>,
     /// Objects whose `name` is listed here are refused with an `errors[]` entry.
     pub refuse_names: Vec<String>,
+    /// Refused like `refuse_names`, once each (a transient record error).
+    pub refuse_once: Vec<String>,
+    /// The `sourcesystem` each object was uploaded under, by STIX id.
+    pub source_of: BTreeMap<String, String>,
+    /// Requests refused because their token had expired.
+    pub expired_tokens: usize,
+    pub expiry: TokenExpiry,
     /// Tokens refused with 401 (for example a token that "expired").
     pub refuse_tokens: Vec<String>,
     pub tokens_seen: Vec<String>,
@@ -447,6 +482,14 @@ pub fn sentinel_router(state: Shared<Sentinel>) -> Router {
         let auth = header(&headers, "authorization").to_string();
         st.tokens_seen.push(auth.clone());
         let token = auth.strip_prefix("Bearer ").unwrap_or("");
+        if token_expired(&st.expiry, token) {
+            st.expired_tokens += 1;
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": {"code": "ExpiredAuthenticationToken", "message": "The access token expiry UTC time is earlier than current UTC time."}})),
+            )
+                .into_response();
+        }
         if !token.starts_with("entra-token-") || st.refuse_tokens.iter().any(|t| t == token) {
             return (
                 StatusCode::UNAUTHORIZED,
@@ -478,13 +521,20 @@ pub fn sentinel_router(state: Shared<Sentinel>) -> Router {
                 errors.push(json!({"recordIndex": i, "errorMessages": [format!("Error for Property=pattern: value {name} is not allowed")]}));
                 continue;
             }
+            if let Some(at) = st.refuse_once.iter().position(|n| n == name) {
+                st.refuse_once.remove(at);
+                errors.push(json!({"recordIndex": i, "errorMessages": ["Error for Property=id: the service is busy, try again later"]}));
+                continue;
+            }
             if array == "value" && o["type"] != "indicator" {
                 errors.push(json!({"recordIndex": i, "errorMessages": ["Error for Property=type: must be indicator"]}));
                 continue;
             }
             st.received.push(o.clone());
-            st.by_id
-                .insert(o["id"].as_str().unwrap().to_string(), o.clone());
+            let id = o["id"].as_str().unwrap().to_string();
+            let source = doc["sourcesystem"].as_str().unwrap_or("").to_string();
+            st.source_of.insert(id.clone(), source);
+            st.by_id.insert(id, o.clone());
         }
         if errors.is_empty() {
             StatusCode::OK.into_response()
@@ -496,6 +546,162 @@ pub fn sentinel_router(state: Shared<Sentinel>) -> Router {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The management API's clause-based `/query` (2025-07-01-preview), over what the fake
+// Sentinel holds: what a reconciliation reads back.
+
+pub const SUBSCRIPTION: &str = "1d2c3b4a-5e6f-4a7b-8c9d-0e1f2a3b4c5d";
+pub const RESOURCE_GROUP: &str = "rg-sentinel";
+pub const WORKSPACE_NAME: &str = "law-sentinel";
+
+#[derive(Default)]
+pub struct Management {
+    /// Objects per page; 0 follows the request's `maxPageSize`.
+    pub page_size: usize,
+    pub faults: VecDeque<Fault>,
+    /// Path and query of every request, in order.
+    pub requests: Vec<String>,
+    pub bodies: Vec<Value>,
+    pub refuse_tokens: Vec<String>,
+    pub tokens_seen: Vec<String>,
+    /// Answer with a `nextLink` on another host (a hostile or broken answer).
+    pub foreign_next_link: bool,
+}
+
+fn query_path() -> String {
+    format!(
+        "/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.OperationalInsights/workspaces/{WORKSPACE_NAME}/providers/Microsoft.SecurityInsights/threatIntelligence/main/query"
+    )
+}
+
+pub fn management_router(state: Shared<Management>, sentinel: Shared<Sentinel>) -> Router {
+    async fn query(
+        State((m, s)): State<(Shared<Management>, Shared<Sentinel>)>,
+        headers: HeaderMap,
+        uri: Uri,
+        Query(q): Query<BTreeMap<String, String>>,
+        body: Bytes,
+    ) -> Response {
+        let fault = {
+            let mut st = m.lock().unwrap();
+            st.requests.push(
+                uri.path_and_query()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+            );
+            st.faults.pop_front()
+        };
+        if let Some(r) = apply(fault).await {
+            return r;
+        }
+        let auth = header(&headers, "authorization").to_string();
+        let token = auth.strip_prefix("Bearer ").unwrap_or("").to_string();
+        let expiry = s.lock().unwrap().expiry.clone();
+        {
+            let mut st = m.lock().unwrap();
+            st.tokens_seen.push(token.clone());
+            if !token.starts_with("entra-token-")
+                || st.refuse_tokens.contains(&token)
+                || token_expired(&expiry, &token)
+            {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    Json(json!({"error": {"code": "InvalidAuthenticationToken", "message": "The access token is invalid."}})),
+                )
+                    .into_response();
+            }
+        }
+        if uri.path() != query_path() {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(json!({"error": {"code": "ResourceNotFound", "message": format!("The Resource under {} was not found.", uri.path())}})),
+            )
+                .into_response();
+        }
+        if q.get("api-version").map(String::as_str) != Some("2025-07-01-preview") {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": {"code": "InvalidApiVersionParameter", "message": "The api-version is invalid."}})),
+            )
+                .into_response();
+        }
+        let Ok(doc) = serde_json::from_slice::<Value>(&body) else {
+            return (StatusCode::BAD_REQUEST, "body is not JSON").into_response();
+        };
+        let condition = &doc["condition"];
+        assert_eq!(condition["stixObjectType"], "indicator", "{doc}");
+        let clauses = condition["clauses"]
+            .as_array()
+            .expect("clauses are required");
+        let source: Option<String> = clauses
+            .iter()
+            .find(|c| c["field"] == "source" && c["operator"] == "Equals")
+            .map(|c| c["values"][0].as_str().unwrap().to_string());
+        let offset: usize = q.get("$skipToken").map(|t| t.parse().unwrap()).unwrap_or(0);
+        let mut st = m.lock().unwrap();
+        st.bodies.push(doc.clone());
+        let size = match st.page_size {
+            0 => doc["maxPageSize"].as_u64().unwrap_or(100) as usize,
+            n => n,
+        };
+        let sentinel = s.lock().unwrap();
+        let matching: Vec<(&String, &Value)> = sentinel
+            .by_id
+            .iter()
+            .filter(|(id, o)| {
+                o["type"] == "indicator"
+                    && source
+                        .as_ref()
+                        .is_none_or(|src| sentinel.source_of.get(*id) == Some(src))
+            })
+            .collect();
+        let value: Vec<Value> = matching
+            .iter()
+            .skip(offset)
+            .take(size)
+            .map(|(id, o)| {
+                use base64::Engine;
+                let src = sentinel.source_of.get(*id).cloned().unwrap_or_default();
+                let name = format!(
+                    "{}---{id}",
+                    base64::engine::general_purpose::STANDARD.encode(&src)
+                );
+                let mut data = (*o).clone();
+                data["extensions"]["sentinel-ext"] = json!({"severity": null});
+                json!({
+                    "id": format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.OperationalInsights/workspaces/{WORKSPACE_NAME}/providers/Microsoft.SecurityInsights/threatintelligence/{name}"),
+                    "name": name,
+                    "type": "Microsoft.SecurityInsights/threatintelligence",
+                    "kind": "Indicator",
+                    "properties": {
+                        "data": data,
+                        "source": src,
+                        "lastUpdateMethod": "Upload API",
+                        "lastUpdatedDateTimeUtc": "2026-12-03T12:00:00.0000000"
+                    }
+                })
+            })
+            .collect();
+        let mut answer = json!({ "value": value });
+        if offset + size < matching.len() {
+            let host = if st.foreign_next_link {
+                "attacker.example".to_string()
+            } else {
+                header(&headers, "host").to_string()
+            };
+            answer["nextLink"] = json!(format!(
+                "https://{host}{}?api-version=2025-07-01-preview&$skipToken={}",
+                uri.path(),
+                offset + size
+            ));
+        }
+        Json(answer).into_response()
+    }
+    Router::new()
+        .fallback(post(query))
+        .with_state((state, sentinel))
+}
+
+// ---------------------------------------------------------------------------------------------
 // The three fakes together, and the binary
 
 pub struct World {
@@ -503,9 +709,11 @@ pub struct World {
     pub mandiant: Shared<Mandiant>,
     pub entra: Shared<Entra>,
     pub sentinel: Shared<Sentinel>,
+    pub management: Shared<Management>,
     pub mandiant_url: String,
     pub entra_url: String,
     pub sentinel_url: String,
+    pub management_url: String,
     pub state_dir: tempfile::TempDir,
 }
 
@@ -517,19 +725,32 @@ impl World {
             page_size: 4,
             ..Default::default()
         }));
-        let entra = Arc::new(Mutex::new(Entra::default()));
-        let sentinel = Arc::new(Mutex::new(Sentinel::default()));
+        let expiry = TokenExpiry::default();
+        let entra = Arc::new(Mutex::new(Entra {
+            expiry: expiry.clone(),
+            ..Default::default()
+        }));
+        let sentinel = Arc::new(Mutex::new(Sentinel {
+            expiry,
+            ..Default::default()
+        }));
+        let management = Arc::new(Mutex::new(Management::default()));
         let mandiant_url = tls.serve(mandiant_router(mandiant.clone())).await;
         let entra_url = tls.serve(entra_router(entra.clone())).await;
         let sentinel_url = tls.serve(sentinel_router(sentinel.clone())).await;
+        let management_url = tls
+            .serve(management_router(management.clone(), sentinel.clone()))
+            .await;
         World {
             tls,
             mandiant,
             entra,
             sentinel,
+            management,
             mandiant_url,
             entra_url,
             sentinel_url,
+            management_url,
             state_dir: tempfile::tempdir().unwrap(),
         }
     }
@@ -552,6 +773,61 @@ impl World {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+    }
+
+    /// `env()` with workspace reconciliation on, pointed at the fake management API.
+    pub fn dedupe_env(&self) -> BTreeMap<String, String> {
+        let mut env = self.env();
+        for (k, v) in [
+            ("ENABLE_DEDUPLICATION", "true"),
+            ("AZURE_SUBSCRIPTION_ID", SUBSCRIPTION),
+            ("AZURE_RESOURCE_GROUP_NAME", RESOURCE_GROUP),
+            ("AZURE_WORKSPACE_NAME", WORKSPACE_NAME),
+            ("AZURE_RESOURCE_MANAGER_ENDPOINT", &self.management_url),
+        ] {
+            env.insert(k.into(), v.into());
+        }
+        env
+    }
+
+    /// What the workspace holds and Sentinel still matches (`valid_until` in the future):
+    /// the STIX ids of each Mandiant id.
+    pub fn live(&self) -> BTreeMap<String, Vec<String>> {
+        let now = time::OffsetDateTime::now_utc();
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (id, o) in &self.sentinel.lock().unwrap().by_id {
+            if o["type"] != "indicator" {
+                continue;
+            }
+            let until = o["valid_until"].as_str().map(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                    .unwrap()
+            });
+            if until.is_some_and(|t| t <= now) {
+                continue;
+            }
+            let mandiant = o["external_references"][0]["external_id"]
+                .as_str()
+                .unwrap_or("(not ours)")
+                .to_string();
+            out.entry(mandiant).or_default().push(id.clone());
+        }
+        out
+    }
+
+    /// The end state every fault must reach: Sentinel matches exactly `want` (none missing,
+    /// none extra), with one object per indicator.
+    pub fn assert_holds_exactly(&self, want: &std::collections::BTreeSet<String>) {
+        let live = self.live();
+        let got: std::collections::BTreeSet<String> = live.keys().cloned().collect();
+        let missing: Vec<_> = want.difference(&got).collect();
+        let extra: Vec<_> = got.difference(want).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "missing {missing:?}, extra {extra:?}"
+        );
+        let doubled: Vec<_> = live.iter().filter(|(_, ids)| ids.len() > 1).collect();
+        assert!(doubled.is_empty(), "more than one object for {doubled:?}");
     }
 
     /// The Mandiant ids of the indicators Sentinel received, in order, repeats included.
