@@ -8,104 +8,21 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use support::*;
 use time::OffsetDateTime;
-
-const COUNT: u32 = 32;
-
-fn feed() -> (Vec<Value>, BTreeSet<String>) {
-    let now = OffsetDateTime::now_utc();
-    let mut indicators = Vec::new();
-    let mut keep = BTreeSet::new();
-    for n in 0..COUNT {
-        let (kind, value) = if n % 2 == 0 {
-            ("ipv4", format!("198.51.100.{n}"))
-        } else {
-            ("fqdn", format!("host{n}.bad.example"))
-        };
-        let id = format!("{kind}--00000000-0000-5000-8000-{n:012}");
-        let kept = n % 4 != 3;
-        let updated = now - time::Duration::hours(i64::from(n) * 3) - time::Duration::minutes(7);
-        indicators.push(json!({
-            "id": id, "type": kind, "value": value, "mscore": 95, "is_publishable": true,
-            "sources": [{"first_seen": "2026-11-01T00:00:00.000+0000", "last_seen": "2026-11-02T00:00:00.000+0000",
-                         "osint": false, "category": ["control-server"], "source_name": "Mandiant"}],
-            "first_seen": "2026-10-01T00:00:00.000Z",
-            "last_seen": "2026-11-30T00:00:00.000Z",
-            "last_updated": updated.format(&time::format_description::well_known::Rfc3339).unwrap(),
-            "threat_rating": {"confidence_level": "high", "confidence_score": 90, "severity_level": "high",
-                              "severity_reason": ["attributed"], "threat_score": if kept { 95 } else { 30 }},
-        }));
-        if kept {
-            keep.insert(id);
-        }
-    }
-    (indicators, keep)
-}
-
-/// A world with the feed, and the ids the default policy keeps.
-async fn world() -> (World, BTreeSet<String>) {
-    let (indicators, keep) = feed();
-    let w = World::new(indicators).await;
-    (w, keep)
-}
-
-/// Settings for the fault tests: a five-day look-back (five windows) and short timeouts.
-fn env(w: &World) -> BTreeMap<String, String> {
-    let mut env = w.env();
-    env.insert("INITIAL_LOOKBACK".into(), "5".into());
-    env.insert("HTTP_TIMEOUT_SECONDS".into(), "5".into());
-    env
-}
-
-fn report(out: &Output) -> Value {
-    serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{}", out.all()))
-}
-
-/// Runs `sync --json` and expects a completed cycle.
-async fn completes(env: &BTreeMap<String, String>) -> Value {
-    let out = run(&["sync", "--json"], env).await;
-    assert_eq!(out.code, 0, "{}", out.all());
-    assert_no_secrets(&out);
-    let r = report(&out);
-    assert_eq!(r["stop_reason"], "completed", "{r}");
-    r
-}
-
-/// Runs `sync --json` and expects a failed cycle whose message contains `needle`.
-async fn fails_with(env: &BTreeMap<String, String>, needle: &str) -> Value {
-    let out = run(&["sync", "--json"], env).await;
-    assert_eq!(out.code, 1, "{}", out.all());
-    assert_no_secrets(&out);
-    assert!(
-        out.all().contains(needle),
-        "no {needle:?} in:\n{}",
-        out.all()
-    );
-    report(&out)
-}
-
-/// Every indicator Sentinel received was received once (no re-send beyond what a fault
-/// forced is checked per test; this checks the end state only).
-fn sent_once(w: &World) -> bool {
-    let ids = w.received_ids();
-    ids.len() == ids.iter().collect::<BTreeSet<_>>().len()
-}
 
 // ---------------------------------------------------------------------------------------------
 // Mandiant
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_401_in_the_middle_of_paging_refreshes_the_token() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     w.mandiant.lock().unwrap().expire_token_at_request = Some(3);
-    completes(&env(&w)).await;
+    completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(sent_once(&w));
     assert_eq!(w.mandiant.lock().unwrap().tokens_issued, 3, "one refresh");
@@ -113,13 +30,13 @@ async fn mandiant_401_in_the_middle_of_paging_refreshes_the_token() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_429_with_retry_after_is_waited_out() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     w.mandiant
         .lock()
         .unwrap()
         .faults
         .push_back(Fault::throttle(Some("1"), r#"{"error":"rate limited"}"#));
-    let r = completes(&env(&w)).await;
+    let r = completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(sent_once(&w));
     assert_eq!(r["throttled"], 1, "{r}");
@@ -127,20 +44,20 @@ async fn mandiant_429_with_retry_after_is_waited_out() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_429_without_retry_after_backs_off() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     w.mandiant
         .lock()
         .unwrap()
         .faults
         .push_back(Fault::throttle(None, ""));
-    let r = completes(&env(&w)).await;
+    let r = completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert_eq!(r["throttled"], 1, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_5xx_is_retried() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     {
         let mut m = w.mandiant.lock().unwrap();
         m.faults
@@ -148,7 +65,7 @@ async fn mandiant_5xx_is_retried() {
         m.faults
             .push_back(Fault::status(503, r#"{"error":"unavailable"}"#));
     }
-    let r = completes(&env(&w)).await;
+    let r = completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(sent_once(&w));
     assert!(r["retries"].as_u64().unwrap() >= 2, "{r}");
@@ -156,46 +73,46 @@ async fn mandiant_5xx_is_retried() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_html_502_page_is_retried() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     w.mandiant
         .lock()
         .unwrap()
         .faults
         .push_back(Fault::html(502));
-    let r = completes(&env(&w)).await;
+    let r = completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(r["retries"].as_u64().unwrap() >= 1, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_malformed_json_is_retried_not_taken_as_the_end() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     w.mandiant
         .lock()
         .unwrap()
         .faults
         .push_back(Fault::status(200, r#"{"indicators": [}"#));
-    let r = completes(&env(&w)).await;
+    let r = completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(r["retries"].as_u64().unwrap() >= 1, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_truncated_json_is_retried_not_taken_as_the_end() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     // A page cut off mid-indicator, as a dropped connection leaves it.
     w.mandiant.lock().unwrap().faults.push_back(Fault::status(
         200,
         r#"{"indicators": [{"id": "ipv4--00000000-0000-5000-8000-000000000000", "type": "ipv4", "val"#,
     ));
-    let r = completes(&env(&w)).await;
+    let r = completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(r["retries"].as_u64().unwrap() >= 1, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_expired_next_cursor_pages_the_window_again() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     w.mandiant
         .lock()
         .unwrap()
@@ -204,7 +121,7 @@ async fn mandiant_expired_next_cursor_pages_the_window_again() {
             400,
             r#"{"error":"invalid next token: expired"}"#,
         ));
-    let r = completes(&env(&w)).await;
+    let r = completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(
         sent_once(&w),
@@ -225,12 +142,12 @@ async fn mandiant_expired_next_cursor_pages_the_window_again() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_connection_refused_stops_the_cycle_and_the_next_run_completes() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut refused = env(&w);
+    let mut refused = quick_env(&w);
     refused.insert(
         "MATI_BASE_URL".into(),
         format!("https://127.0.0.1:{closed}"),
@@ -251,21 +168,21 @@ async fn mandiant_connection_refused_stops_the_cycle_and_the_next_run_completes(
             || w.checkpoint()["backfill_in_progress"] == true
     );
 
-    completes(&env(&w)).await;
+    completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(sent_once(&w));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_hung_response_times_out_and_is_retried() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     // HTTP_TIMEOUT_SECONDS is 5: this answer comes too late.
     w.mandiant
         .lock()
         .unwrap()
         .faults
         .push_back(Fault::Delay(Duration::from_secs(8)));
-    let r = completes(&env(&w)).await;
+    let r = completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(r["retries"].as_u64().unwrap() >= 1, "{r}");
 }
@@ -275,7 +192,7 @@ async fn mandiant_hung_response_times_out_and_is_retried() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn entra_token_endpoint_failing_fails_the_cycle_and_the_next_run_completes() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     {
         let mut e = w.entra.lock().unwrap();
         for _ in 0..20 {
@@ -285,23 +202,23 @@ async fn entra_token_endpoint_failing_fails_the_cycle_and_the_next_run_completes
             ));
         }
     }
-    let r = fails_with(&env(&w), "could not get an Entra token").await;
+    let r = fails_with(&quick_env(&w), "could not get an Entra token").await;
     assert_eq!(r["uploaded"], 0, "{r}");
     assert!(w.received_ids().is_empty());
 
     w.entra.lock().unwrap().faults.clear();
-    completes(&env(&w)).await;
+    completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(sent_once(&w));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn entra_token_expiring_during_a_long_cycle_is_renewed() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     // Tokens live three seconds; the cycle takes longer (half a second a page).
     w.entra.lock().unwrap().lifetime_secs = Some(3);
     w.mandiant.lock().unwrap().page_delay = Duration::from_millis(500);
-    completes(&env(&w)).await;
+    completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(sent_once(&w));
     let issued = w.entra.lock().unwrap().requests;
@@ -319,12 +236,12 @@ async fn entra_token_expiring_during_a_long_cycle_is_renewed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_429_with_try_again_in_n_seconds_is_waited_out() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     w.sentinel.lock().unwrap().faults.push_back(Fault::throttle(
         None,
         r#"{"statusCode":429,"message":"Rate limit is exceeded. Try again in 1 seconds."}"#,
     ));
-    let r = completes(&env(&w)).await;
+    let r = completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(sent_once(&w));
     assert_eq!(r["throttled"], 1, "{r}");
@@ -332,13 +249,13 @@ async fn sentinel_429_with_try_again_in_n_seconds_is_waited_out() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_429_with_retry_after_is_waited_out() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     w.sentinel
         .lock()
         .unwrap()
         .faults
         .push_back(Fault::throttle(Some("1"), r#"{"statusCode":429}"#));
-    let r = completes(&env(&w)).await;
+    let r = completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(sent_once(&w));
     assert_eq!(r["throttled"], 1, "{r}");
@@ -346,7 +263,7 @@ async fn sentinel_429_with_retry_after_is_waited_out() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_5xx_resends_the_same_batch() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     {
         let mut s = w.sentinel.lock().unwrap();
         s.faults
@@ -354,7 +271,7 @@ async fn sentinel_5xx_resends_the_same_batch() {
         s.faults
             .push_back(Fault::status(503, r#"{"statusCode":503}"#));
     }
-    let r = completes(&env(&w)).await;
+    let r = completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(sent_once(&w));
     assert!(r["retries"].as_u64().unwrap() >= 2, "{r}");
@@ -362,7 +279,7 @@ async fn sentinel_5xx_resends_the_same_batch() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_timeout_resends_the_same_batch_without_duplicates() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     // Sentinel takes the batch, but answers after the client gave up: the resend is an
     // update of the same ids.
     w.sentinel
@@ -370,20 +287,20 @@ async fn sentinel_timeout_resends_the_same_batch_without_duplicates() {
         .unwrap()
         .faults
         .push_back(Fault::Delay(Duration::from_secs(8)));
-    let r = completes(&env(&w)).await;
+    let r = completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(r["retries"].as_u64().unwrap() >= 1, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_401_gets_a_new_token_once() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     w.sentinel
         .lock()
         .unwrap()
         .refuse_tokens
         .push("entra-token-1".into());
-    completes(&env(&w)).await;
+    completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(sent_once(&w));
     assert_eq!(w.entra.lock().unwrap().requests, 2, "exactly one refresh");
@@ -391,18 +308,18 @@ async fn sentinel_401_gets_a_new_token_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_200_with_record_errors_sends_the_refused_again_next_cycle() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     // Two objects refused once each, then taken.
     let names: Vec<String> = ["198.51.100.4", "host5.bad.example"]
         .map(String::from)
         .to_vec();
     w.sentinel.lock().unwrap().refuse_once = names.clone();
-    let r = completes(&env(&w)).await;
+    let r = completes(&quick_env(&w)).await;
     assert_eq!(r["refused"], 2, "{r}");
     let live = w.live();
     assert_eq!(live.len(), keep.len() - 2, "the two are missing for now");
 
-    let r = completes(&env(&w)).await;
+    let r = completes(&quick_env(&w)).await;
     assert_eq!(r["uploaded"], 2, "only the two are sent: {r}");
     assert_eq!(r["refused"], 0, "{r}");
     w.assert_holds_exactly(&keep);
@@ -411,13 +328,13 @@ async fn sentinel_200_with_record_errors_sends_the_refused_again_next_cycle() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_object_sentinel_always_refuses_is_given_up_after_five_cycles() {
-    let (w, mut keep) = world().await;
+    let (w, mut keep) = spread_world().await;
     w.sentinel
         .lock()
         .unwrap()
         .refuse_names
         .push("198.51.100.4".into());
-    let env = env(&w);
+    let env = quick_env(&w);
     // Later cycles start from the checkpoint; the one indicator is only in the queue.
     for cycle in 1..=6 {
         let r = completes(&env).await;
@@ -441,41 +358,41 @@ async fn an_object_sentinel_always_refuses_is_given_up_after_five_cycles() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_400_without_errors_fails_the_cycle_and_loses_nothing() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     w.sentinel.lock().unwrap().faults.push_back(Fault::status(
         400,
         r#"{"error":{"code":"BadRequest","message":"The request is invalid."}}"#,
     ));
-    fails_with(&env(&w), "HTTP 400").await;
-    completes(&env(&w)).await;
+    fails_with(&quick_env(&w), "HTTP 400").await;
+    completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_403_names_the_contributor_role_and_loses_nothing() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     w.sentinel.lock().unwrap().faults.push_back(Fault::status(
         403,
         r#"{"error":{"code":"AuthorizationFailed","message":"The client does not have authorization to perform action."}}"#,
     ));
-    fails_with(&env(&w), "Microsoft Sentinel Contributor").await;
+    fails_with(&quick_env(&w), "Microsoft Sentinel Contributor").await;
     assert!(w.received_ids().is_empty());
-    completes(&env(&w)).await;
+    completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(sent_once(&w));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_404_names_the_workspace_setting_and_loses_nothing() {
-    let (w, keep) = world().await;
-    let mut wrong = env(&w);
+    let (w, keep) = spread_world().await;
+    let mut wrong = quick_env(&w);
     wrong.insert(
         "AZURE_WORKSPACE_ID".into(),
         "00000000-0000-4000-8000-000000000000".into(),
     );
     fails_with(&wrong, "AZURE_WORKSPACE_ID").await;
     assert!(w.received_ids().is_empty());
-    completes(&env(&w)).await;
+    completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(sent_once(&w));
 }
@@ -484,7 +401,7 @@ async fn sentinel_404_names_the_workspace_setting_and_loses_nothing() {
 // State
 
 fn blob_env(w: &World, azurite: &Azurite, container: &str) -> BTreeMap<String, String> {
-    let mut env = env(w);
+    let mut env = quick_env(w);
     env.remove("STATE_DIR");
     env.insert(
         "STATE_CONTAINER_SAS_URL".into(),
@@ -509,7 +426,7 @@ async fn wait_for_paging(w: &World) {
 async fn state_write_conflict_412_fails_the_cycle_and_the_next_run_completes() {
     use mati_sentinel::state::{Checkpoint, Precondition, StateStore};
     let azurite = Azurite::start(0);
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     let env = blob_env(&w, &azurite, "conflict");
     w.mandiant.lock().unwrap().page_delay = Duration::from_millis(300);
     let child = command(&["sync", "--json"], &env)
@@ -576,13 +493,13 @@ async fn state_write_conflict_412_fails_the_cycle_and_the_next_run_completes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn state_store_unavailable_fails_cleanly_and_the_next_run_completes() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
     let endpoint = format!("http://127.0.0.1:{port}");
-    let mut env = env(&w);
+    let mut env = quick_env(&w);
     env.remove("STATE_DIR");
     env.insert(
         "STATE_CONTAINER_SAS_URL".into(),
@@ -628,7 +545,7 @@ async fn state_store_unavailable_fails_cleanly_and_the_next_run_completes() {
 
 /// Starts a cycle armed to stop at `point`, waits until it is there, and kills it.
 async fn kill_at(w: &World, point: &str) {
-    let mut env = env(w);
+    let mut env = quick_env(w);
     env.insert(mati_sentinel::failpoint::VARIABLE.into(), point.to_string());
     let mut child = command(&["sync", "--json"], &env)
         .stdout(std::process::Stdio::null())
@@ -665,23 +582,23 @@ async fn kill_at(w: &World, point: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_after_fetching_the_next_run_completes() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     kill_at(&w, "after_fetch").await;
     assert!(w.received_ids().is_empty(), "killed before any upload");
     assert!(!w.state_dir.path().join("checkpoint.json").exists());
-    completes(&env(&w)).await;
+    completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
     assert!(sent_once(&w));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_in_the_middle_of_uploading_the_next_run_completes() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     kill_at(&w, "mid_upload").await;
     let before = w.received_ids().len();
     assert!(before > 0, "Sentinel took a batch before the kill");
     assert!(!w.state_dir.path().join("dedupe-cache.bin").exists());
-    completes(&env(&w)).await;
+    completes(&quick_env(&w)).await;
     // The batch Sentinel took but the cache never recorded is sent again, as an update of
     // the same ids: one object each.
     w.assert_holds_exactly(&keep);
@@ -690,11 +607,11 @@ async fn killed_in_the_middle_of_uploading_the_next_run_completes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_between_the_cache_write_and_the_checkpoint_write_the_next_run_completes() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     kill_at(&w, "after_cache_write").await;
     let before = w.received_ids().len();
     assert!(w.state_dir.path().join("dedupe-cache.bin").exists());
-    let r = completes(&env(&w)).await;
+    let r = completes(&quick_env(&w)).await;
     // The window is fetched again, but the cache knows it is in Sentinel.
     assert_eq!(r["unchanged"].as_u64().unwrap() as usize, before, "{r}");
     w.assert_holds_exactly(&keep);
@@ -706,10 +623,10 @@ async fn killed_between_the_cache_write_and_the_checkpoint_write_the_next_run_co
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_budget_ending_in_the_middle_of_a_window_later_cycles_finish() {
-    let (w, keep) = world().await;
+    let (w, keep) = spread_world().await;
     // Five windows of three or four pages at 1.2 s a page do not fit in ten seconds.
     w.mandiant.lock().unwrap().page_delay = Duration::from_millis(1200);
-    let mut env = env(&w);
+    let mut env = quick_env(&w);
     env.insert("SYNC_TIME_BUDGET_SECONDS".into(), "10".into());
     let out = run(&["sync", "--json"], &env).await;
     assert_eq!(out.code, 0, "{}", out.all());
