@@ -257,3 +257,51 @@ async fn a_workspace_that_cannot_be_read_fails_the_cycle_before_any_upload() {
     assert_eq!(r["uploaded"], 0, "{r}");
     w.assert_holds_exactly(&keep);
 }
+
+/// docs/RELIABILITY.md names every fault and reconciliation test, and every test it names
+/// exists, so the document cannot drift from the suite.
+#[test]
+fn the_reliability_document_matches_the_tests() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/RELIABILITY.md")).unwrap();
+    let mut sources = String::new();
+    for dir in ["tests", "src", "src/state"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                sources.push_str(&std::fs::read_to_string(path).unwrap());
+            }
+        }
+    }
+    // Every backticked snake_case name with three or more underscores is a test name.
+    let named: BTreeSet<&str> = doc
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|t| {
+            t.matches('_').count() >= 3
+                && t.chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit())
+        })
+        .collect();
+    for name in &named {
+        assert!(
+            sources.contains(&format!("fn {name}(")),
+            "RELIABILITY.md names {name}, which no test defines"
+        );
+    }
+    for file in ["tests/faults.rs", "tests/reconcile.rs"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        for block in text
+            .split("#[tokio::test(flavor = \"multi_thread\")]\nasync fn ")
+            .skip(1)
+        {
+            let name = block.split('(').next().unwrap();
+            assert!(
+                named.contains(name),
+                "{file} → {name} is not in RELIABILITY.md"
+            );
+        }
+    }
+    assert!(named.len() >= 35, "{} names found", named.len());
+}
