@@ -149,6 +149,8 @@ async fn an_object_another_tool_left_for_the_same_pattern_is_updated_under_its_i
     assert_eq!(r["reconciled"], 3, "{r}");
     assert_eq!(r["expired"], 1, "{r}");
     w.assert_holds_exactly(&keep);
+    // CI validates the adopted and expired objects with stix2-validator.
+    w.export_stix("reconciled");
     let patterns = live_patterns(&w);
     assert!(
         patterns.values().all(|n| *n == 1),
@@ -256,6 +258,45 @@ async fn a_workspace_that_cannot_be_read_fails_the_cycle_before_any_upload() {
     let r = completes(&env).await;
     assert_eq!(r["uploaded"], 0, "{r}");
     w.assert_holds_exactly(&keep);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reads_the_workspace_when_reconciliation_is_on() {
+    let (w, _) = populated().await;
+    let out = run(&["check"], &dedupe_env(&w)).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("workspace"))
+        .unwrap();
+    assert!(
+        line.starts_with("ok") && line.contains("from Mandiant"),
+        "{line}"
+    );
+    assert_eq!(
+        w.management.lock().unwrap().requests.len(),
+        1,
+        "one page only"
+    );
+
+    w.management.lock().unwrap().faults.push_back(Fault::status(
+        403,
+        r#"{"error":{"code":"AuthorizationFailed"}}"#,
+    ));
+    let out = run(&["check"], &dedupe_env(&w)).await;
+    assert_eq!(out.code, 1, "{}", out.all());
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("workspace"))
+        .unwrap();
+    assert!(
+        line.starts_with("FAIL") && line.contains("Microsoft Sentinel Reader"),
+        "{line}"
+    );
+    let out = run(&["check"], &quick_env(&w)).await;
+    assert!(!out.stdout.contains("workspace"), "off unless asked for");
 }
 
 /// docs/RELIABILITY.md names every fault and reconciliation test, and every test it names
