@@ -284,7 +284,96 @@ impl SentinelUploader {
             return Ok(BatchOutcome::default());
         }
         let body = self.body(objects);
-        let mut token = self.token(false).await?;
+        let post = Post {
+            http: &self.http,
+            url: &self.url,
+            body: &body,
+            retry: &self.retry,
+            deadline: &self.deadline,
+            stats: &self.stats,
+            limiter: Some(&self.limiter),
+            what: "Sentinel upload failed; resending the same batch",
+        };
+        // A 200 with an empty or non-JSON body means every object was accepted.
+        let posted = post
+            .send(self, |b| {
+                Some(read_answer(b, objects.len()).unwrap_or(BatchOutcome {
+                    accepted: (0..objects.len()).collect(),
+                    refused: Vec::new(),
+                }))
+            })
+            .await?;
+        match posted {
+            Posted::Ok(outcome) => Ok(outcome),
+            Posted::Unauthorized => Err(SentinelError::Unauthorized {
+                who: self.who.clone(),
+            }),
+            Posted::GaveUp { last } => Err(SentinelError::GaveUp {
+                attempts: self.retry.max_attempts,
+                last,
+            }),
+            Posted::Fatal { status, body } => Err(match status {
+                400 => match read_answer(&body, objects.len()) {
+                    Some(o) if !o.refused.is_empty() => return Ok(o),
+                    _ => SentinelError::Rejected {
+                        status,
+                        excerpt: excerpt(&body),
+                    },
+                },
+                403 => SentinelError::Forbidden {
+                    who: self.who.clone(),
+                    workspace: self.workspace.clone(),
+                    excerpt: excerpt(&body),
+                },
+                404 => SentinelError::WorkspaceNotFound {
+                    workspace: self.workspace.clone(),
+                    excerpt: excerpt(&body),
+                },
+                _ => SentinelError::Rejected {
+                    status,
+                    excerpt: excerpt(&body),
+                },
+            }),
+        }
+    }
+}
+
+/// What came of a POST to an Azure API after the retries.
+pub(crate) enum Posted<T> {
+    /// 2xx with a body `parse` took.
+    Ok(T),
+    /// An answer resending will not change (4xx other than 401 and 429, 501…).
+    Fatal { status: u16, body: Vec<u8> },
+    /// The token was refused twice.
+    Unauthorized,
+    /// Every attempt failed; `last` says how the last one did.
+    GaveUp { last: String },
+}
+
+/// A JSON POST with a bearer token from the Sentinel credential, under the product's retry
+/// rules: 429 waits what was asked, 5xx, timeouts, cut-off answers and bodies `parse`
+/// refuses back off, a 401 gets a fresh token once, and no wait passes the deadline. Shared
+/// by the upload APIs and the management API, which take the same token.
+pub(crate) struct Post<'a> {
+    pub http: &'a reqwest::Client,
+    pub url: &'a str,
+    pub body: &'a str,
+    pub retry: &'a RetryPolicy,
+    pub deadline: &'a Deadline,
+    pub stats: &'a ClientStats,
+    /// Sentinel's upload limit; every attempt passes it first.
+    pub limiter: Option<&'a SlidingWindow>,
+    /// The log line of a retry.
+    pub what: &'static str,
+}
+
+impl Post<'_> {
+    pub async fn send<T>(
+        &self,
+        tokens: &SentinelUploader,
+        parse: impl Fn(&[u8]) -> Option<T>,
+    ) -> Result<Posted<T>, SentinelError> {
+        let mut token = tokens.token(false).await?;
         let mut refreshed = false;
         let mut last = String::new();
         let mut attempt = 0;
@@ -293,14 +382,16 @@ impl SentinelUploader {
             if attempt > 1 {
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
             }
-            self.limiter.acquire().await;
+            if let Some(l) = self.limiter {
+                l.acquire().await;
+            }
             let sent = self
                 .http
-                .post(&self.url)
+                .post(self.url)
                 .bearer_auth(&token)
                 .header("Content-Type", "application/json")
                 .timeout(self.retry.request_timeout)
-                .body(body.clone())
+                .body(self.body.to_string())
                 .send()
                 .await;
             let resp = match sent {
@@ -337,12 +428,15 @@ impl SentinelUploader {
                 &bytes,
                 OffsetDateTime::now_utc(),
             ) {
-                Outcome::Success => {
-                    return Ok(read_answer(&bytes, objects.len()).unwrap_or(BatchOutcome {
-                        accepted: (0..objects.len()).collect(),
-                        refused: Vec::new(),
-                    }));
-                }
+                Outcome::Success => match parse(&bytes) {
+                    Some(t) => return Ok(Posted::Ok(t)),
+                    None => {
+                        last =
+                            format!("HTTP {status} with an unreadable body: {}", excerpt(&bytes));
+                        self.pause(attempt, self.retry.backoff(attempt), &last)
+                            .await?;
+                    }
+                },
                 Outcome::Throttled(asked) => {
                     self.stats.throttled.fetch_add(1, Ordering::Relaxed);
                     last = format!("HTTP 429: {}", excerpt(&bytes));
@@ -355,47 +449,22 @@ impl SentinelUploader {
                         .await?;
                 }
                 Outcome::Unauthorized if !refreshed => {
-                    tracing::info!("Sentinel refused the token; getting a new one");
+                    tracing::info!("the token was refused; getting a new one");
                     refreshed = true;
-                    token = self.token(true).await?;
-                    // The refusal was not the batch's fault: it does not use up an attempt.
+                    token = tokens.token(true).await?;
+                    // The refusal was not the request's fault: it does not use up an attempt.
                     attempt -= 1;
                 }
-                Outcome::Unauthorized => {
-                    return Err(SentinelError::Unauthorized {
-                        who: self.who.clone(),
-                    });
-                }
+                Outcome::Unauthorized => return Ok(Posted::Unauthorized),
                 Outcome::Fatal => {
-                    return Err(match status {
-                        400 => match read_answer(&bytes, objects.len()) {
-                            Some(o) if !o.refused.is_empty() => return Ok(o),
-                            _ => SentinelError::Rejected {
-                                status,
-                                excerpt: excerpt(&bytes),
-                            },
-                        },
-                        403 => SentinelError::Forbidden {
-                            who: self.who.clone(),
-                            workspace: self.workspace.clone(),
-                            excerpt: excerpt(&bytes),
-                        },
-                        404 => SentinelError::WorkspaceNotFound {
-                            workspace: self.workspace.clone(),
-                            excerpt: excerpt(&bytes),
-                        },
-                        _ => SentinelError::Rejected {
-                            status,
-                            excerpt: excerpt(&bytes),
-                        },
+                    return Ok(Posted::Fatal {
+                        status,
+                        body: bytes.to_vec(),
                     });
                 }
             }
         }
-        Err(SentinelError::GaveUp {
-            attempts: self.retry.max_attempts,
-            last,
-        })
+        Ok(Posted::GaveUp { last })
     }
 
     async fn pause(
@@ -405,7 +474,7 @@ impl SentinelUploader {
         why: &str,
     ) -> Result<(), OutOfTime> {
         if attempt < self.retry.max_attempts {
-            tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %why, "Sentinel upload failed; resending the same batch");
+            tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %why, "{}", self.what);
             self.deadline.sleep(wait).await?;
         }
         Ok(())

@@ -6,8 +6,6 @@
 //! audience). Invariant: a reconciliation either reads every page or fails; a partial read
 //! would let the cycle upload duplicates of what it did not see.
 
-use std::sync::atomic::Ordering;
-
 use serde::Deserialize;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -15,8 +13,8 @@ use time::OffsetDateTime;
 use crate::config::WorkspaceResource;
 use crate::dedupe::{Seeded, uuid_bytes};
 use crate::mati::{ClientStats, excerpt};
-use crate::retry::{Deadline, OutOfTime, Outcome, RetryPolicy, classify};
-use crate::sentinel::SentinelUploader;
+use crate::retry::{Deadline, OutOfTime, RetryPolicy};
+use crate::sentinel::{Post, Posted, SentinelError, SentinelUploader};
 use crate::stix::fingerprint_value;
 
 pub const API_VERSION: &str = "2025-07-01-preview";
@@ -228,134 +226,47 @@ impl WorkspaceReader {
         body: &str,
         tokens: &SentinelUploader,
     ) -> Result<Page, WorkspaceError> {
-        let token = |fresh| async move {
-            tokens
-                .token(fresh)
-                .await
-                .map_err(|e| WorkspaceError::Token(e.to_string()))
+        let post = Post {
+            http: &self.http,
+            url,
+            body,
+            retry: &self.retry,
+            deadline: &self.deadline,
+            stats: &self.stats,
+            // Resource Manager reads have their own, far larger, limits.
+            limiter: None,
+            what: "reading the workspace failed; asking again",
         };
-        let mut bearer = token(false).await?;
-        let mut refreshed = false;
-        let mut last = String::new();
-        let mut attempt = 0;
-        while attempt < self.retry.max_attempts {
-            attempt += 1;
-            if attempt > 1 {
-                self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            }
-            let sent = self
-                .http
-                .post(url)
-                .bearer_auth(&bearer)
-                .header("Content-Type", "application/json")
-                .timeout(self.retry.request_timeout)
-                .body(body.to_string())
-                .send()
-                .await;
-            let (status, retry_after, bytes) = match sent {
-                Ok(r) => {
-                    let status = r.status().as_u16();
-                    let retry_after = r
-                        .headers()
-                        .get("retry-after")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned);
-                    match r.bytes().await {
-                        Ok(b) => (status, retry_after, b),
-                        Err(e) => {
-                            last = format!("the answer was cut off: {e}");
-                            self.pause(attempt, self.retry.backoff(attempt), &last)
-                                .await?;
-                            continue;
-                        }
-                    }
-                }
-                Err(e) => {
-                    last = if e.is_timeout() {
-                        "timed out".to_string()
-                    } else {
-                        format!("request failed: {e}")
-                    };
-                    self.pause(attempt, self.retry.backoff(attempt), &last)
-                        .await?;
-                    continue;
-                }
-            };
-            match classify(
+        let posted = post.send(tokens, parse_page).await.map_err(|e| match e {
+            SentinelError::OutOfTime(t) => WorkspaceError::OutOfTime(t),
+            other => WorkspaceError::Token(other.to_string()),
+        })?;
+        let r = &self.resource;
+        match posted {
+            Posted::Ok(page) => Ok(page),
+            Posted::Unauthorized => Err(WorkspaceError::Unauthorized {
+                who: tokens.who().to_string(),
+            }),
+            Posted::GaveUp { last } => Err(WorkspaceError::GaveUp {
+                attempts: self.retry.max_attempts,
+                last,
+            }),
+            Posted::Fatal { status: 403, body } => Err(WorkspaceError::Forbidden {
+                who: tokens.who().to_string(),
+                resource_group: r.resource_group.clone(),
+                excerpt: excerpt(&body),
+            }),
+            Posted::Fatal { status: 404, body } => Err(WorkspaceError::NotFound {
+                subscription: r.subscription_id.clone(),
+                resource_group: r.resource_group.clone(),
+                workspace: r.workspace_name.clone(),
+                excerpt: excerpt(&body),
+            }),
+            Posted::Fatal { status, body } => Err(WorkspaceError::Rejected {
                 status,
-                retry_after.as_deref(),
-                &bytes,
-                OffsetDateTime::now_utc(),
-            ) {
-                Outcome::Success => match parse_page(&bytes) {
-                    Some(p) => return Ok(p),
-                    None => {
-                        last =
-                            format!("HTTP {status} with an unreadable body: {}", excerpt(&bytes));
-                        self.pause(attempt, self.retry.backoff(attempt), &last)
-                            .await?;
-                    }
-                },
-                Outcome::Throttled(asked) => {
-                    self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-                    last = format!("HTTP 429: {}", excerpt(&bytes));
-                    self.pause(attempt, self.retry.throttle_wait(asked, attempt), &last)
-                        .await?;
-                }
-                Outcome::Transient => {
-                    last = format!("HTTP {status}: {}", excerpt(&bytes));
-                    self.pause(attempt, self.retry.backoff(attempt), &last)
-                        .await?;
-                }
-                Outcome::Unauthorized if !refreshed => {
-                    refreshed = true;
-                    bearer = token(true).await?;
-                    attempt -= 1;
-                }
-                Outcome::Unauthorized => {
-                    return Err(WorkspaceError::Unauthorized {
-                        who: tokens.who().to_string(),
-                    });
-                }
-                Outcome::Fatal => {
-                    let r = &self.resource;
-                    return Err(match status {
-                        403 => WorkspaceError::Forbidden {
-                            who: tokens.who().to_string(),
-                            resource_group: r.resource_group.clone(),
-                            excerpt: excerpt(&bytes),
-                        },
-                        404 => WorkspaceError::NotFound {
-                            subscription: r.subscription_id.clone(),
-                            resource_group: r.resource_group.clone(),
-                            workspace: r.workspace_name.clone(),
-                            excerpt: excerpt(&bytes),
-                        },
-                        _ => WorkspaceError::Rejected {
-                            status,
-                            excerpt: excerpt(&bytes),
-                        },
-                    });
-                }
-            }
+                excerpt: excerpt(&body),
+            }),
         }
-        Err(WorkspaceError::GaveUp {
-            attempts: self.retry.max_attempts,
-            last,
-        })
-    }
-
-    async fn pause(
-        &self,
-        attempt: u32,
-        wait: std::time::Duration,
-        why: &str,
-    ) -> Result<(), OutOfTime> {
-        if attempt < self.retry.max_attempts {
-            tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %why, "reading the workspace failed; asking again");
-            self.deadline.sleep(wait).await?;
-        }
-        Ok(())
     }
 }
 
