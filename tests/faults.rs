@@ -15,114 +15,122 @@ use std::time::Duration;
 use support::*;
 use time::OffsetDateTime;
 
+/// Builds the world, lets `fault` script the fakes, runs one cycle that must complete, and
+/// checks the end state; the world and the report are for the row's own assertions.
+async fn survives(fault: impl FnOnce(&World)) -> (World, serde_json::Value) {
+    let (w, keep) = spread_world().await;
+    fault(&w);
+    let r = completes(&quick_env(&w)).await;
+    w.assert_holds_exactly(&keep);
+    (w, r)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Mandiant
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_401_in_the_middle_of_paging_refreshes_the_token() {
-    let (w, keep) = spread_world().await;
-    w.mandiant.lock().unwrap().expire_token_at_request = Some(3);
-    completes(&quick_env(&w)).await;
-    w.assert_holds_exactly(&keep);
+    let (w, _) = survives(|w| {
+        w.mandiant.lock().unwrap().expire_token_at_request = Some(3);
+    })
+    .await;
     assert!(sent_once(&w));
     assert_eq!(w.mandiant.lock().unwrap().tokens_issued, 3, "one refresh");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_429_with_retry_after_is_waited_out() {
-    let (w, keep) = spread_world().await;
-    w.mandiant
-        .lock()
-        .unwrap()
-        .faults
-        .push_back(Fault::throttle(Some("1"), r#"{"error":"rate limited"}"#));
-    let r = completes(&quick_env(&w)).await;
-    w.assert_holds_exactly(&keep);
+    let (w, r) = survives(|w| {
+        w.mandiant
+            .lock()
+            .unwrap()
+            .faults
+            .push_back(Fault::throttle(Some("1"), r#"{"error":"rate limited"}"#));
+    })
+    .await;
     assert!(sent_once(&w));
     assert_eq!(r["throttled"], 1, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_429_without_retry_after_backs_off() {
-    let (w, keep) = spread_world().await;
-    w.mandiant
-        .lock()
-        .unwrap()
-        .faults
-        .push_back(Fault::throttle(None, ""));
-    let r = completes(&quick_env(&w)).await;
-    w.assert_holds_exactly(&keep);
+    let (_, r) = survives(|w| {
+        w.mandiant
+            .lock()
+            .unwrap()
+            .faults
+            .push_back(Fault::throttle(None, ""));
+    })
+    .await;
     assert_eq!(r["throttled"], 1, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_5xx_is_retried() {
-    let (w, keep) = spread_world().await;
-    {
+    let (w, r) = survives(|w| {
         let mut m = w.mandiant.lock().unwrap();
         m.faults
             .push_back(Fault::status(500, r#"{"error":"internal"}"#));
         m.faults
             .push_back(Fault::status(503, r#"{"error":"unavailable"}"#));
-    }
-    let r = completes(&quick_env(&w)).await;
-    w.assert_holds_exactly(&keep);
+    })
+    .await;
     assert!(sent_once(&w));
     assert!(r["retries"].as_u64().unwrap() >= 2, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_html_502_page_is_retried() {
-    let (w, keep) = spread_world().await;
-    w.mandiant
-        .lock()
-        .unwrap()
-        .faults
-        .push_back(Fault::html(502));
-    let r = completes(&quick_env(&w)).await;
-    w.assert_holds_exactly(&keep);
+    let (_, r) = survives(|w| {
+        w.mandiant
+            .lock()
+            .unwrap()
+            .faults
+            .push_back(Fault::html(502));
+    })
+    .await;
     assert!(r["retries"].as_u64().unwrap() >= 1, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_malformed_json_is_retried_not_taken_as_the_end() {
-    let (w, keep) = spread_world().await;
-    w.mandiant
-        .lock()
-        .unwrap()
-        .faults
-        .push_back(Fault::status(200, r#"{"indicators": [}"#));
-    let r = completes(&quick_env(&w)).await;
-    w.assert_holds_exactly(&keep);
+    let (_, r) = survives(|w| {
+        w.mandiant
+            .lock()
+            .unwrap()
+            .faults
+            .push_back(Fault::status(200, r#"{"indicators": [}"#));
+    })
+    .await;
     assert!(r["retries"].as_u64().unwrap() >= 1, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_truncated_json_is_retried_not_taken_as_the_end() {
-    let (w, keep) = spread_world().await;
-    // A page cut off mid-indicator, as a dropped connection leaves it.
-    w.mandiant.lock().unwrap().faults.push_back(Fault::status(
-        200,
-        r#"{"indicators": [{"id": "ipv4--00000000-0000-5000-8000-000000000000", "type": "ipv4", "val"#,
-    ));
-    let r = completes(&quick_env(&w)).await;
-    w.assert_holds_exactly(&keep);
+    let (_, r) = survives(|w| {
+        // A page cut off mid-indicator, as a dropped connection leaves it.
+        w.mandiant.lock().unwrap().faults.push_back(Fault::status(
+            200,
+            r#"{"indicators": [{"id": "ipv4--00000000-0000-5000-8000-000000000000", "type": "ipv4", "val"#,
+        ));
+    })
+    .await;
     assert!(r["retries"].as_u64().unwrap() >= 1, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_expired_next_cursor_pages_the_window_again() {
-    let (w, keep) = spread_world().await;
-    w.mandiant
-        .lock()
-        .unwrap()
-        .next_faults
-        .push_back(Fault::status(
-            400,
-            r#"{"error":"invalid next token: expired"}"#,
-        ));
-    let r = completes(&quick_env(&w)).await;
-    w.assert_holds_exactly(&keep);
+    let (w, r) = survives(|w| {
+        w.mandiant
+            .lock()
+            .unwrap()
+            .next_faults
+            .push_back(Fault::status(
+                400,
+                r#"{"error":"invalid next token: expired"}"#,
+            ));
+    })
+    .await;
     assert!(
         sent_once(&w),
         "the window's first pages were not sent twice"
@@ -175,15 +183,15 @@ async fn mandiant_connection_refused_stops_the_cycle_and_the_next_run_completes(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mandiant_hung_response_times_out_and_is_retried() {
-    let (w, keep) = spread_world().await;
-    // HTTP_TIMEOUT_SECONDS is 5: this answer comes too late.
-    w.mandiant
-        .lock()
-        .unwrap()
-        .faults
-        .push_back(Fault::Delay(Duration::from_secs(8)));
-    let r = completes(&quick_env(&w)).await;
-    w.assert_holds_exactly(&keep);
+    let (_, r) = survives(|w| {
+        // HTTP_TIMEOUT_SECONDS is 5: this answer comes too late.
+        w.mandiant
+            .lock()
+            .unwrap()
+            .faults
+            .push_back(Fault::Delay(Duration::from_secs(8)));
+    })
+    .await;
     assert!(r["retries"].as_u64().unwrap() >= 1, "{r}");
 }
 
@@ -214,12 +222,12 @@ async fn entra_token_endpoint_failing_fails_the_cycle_and_the_next_run_completes
 
 #[tokio::test(flavor = "multi_thread")]
 async fn entra_token_expiring_during_a_long_cycle_is_renewed() {
-    let (w, keep) = spread_world().await;
-    // Tokens live three seconds; the cycle takes longer (half a second a page).
-    w.entra.lock().unwrap().lifetime_secs = Some(3);
-    w.mandiant.lock().unwrap().page_delay = Duration::from_millis(500);
-    completes(&quick_env(&w)).await;
-    w.assert_holds_exactly(&keep);
+    let (w, _) = survives(|w| {
+        // Tokens live three seconds; the cycle takes longer (half a second a page).
+        w.entra.lock().unwrap().lifetime_secs = Some(3);
+        w.mandiant.lock().unwrap().page_delay = Duration::from_millis(500);
+    })
+    .await;
     assert!(sent_once(&w));
     let issued = w.entra.lock().unwrap().requests;
     assert!(issued >= 2, "a new token was fetched ({issued} issued)");
@@ -236,72 +244,70 @@ async fn entra_token_expiring_during_a_long_cycle_is_renewed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_429_with_try_again_in_n_seconds_is_waited_out() {
-    let (w, keep) = spread_world().await;
-    w.sentinel.lock().unwrap().faults.push_back(Fault::throttle(
-        None,
-        r#"{"statusCode":429,"message":"Rate limit is exceeded. Try again in 1 seconds."}"#,
-    ));
-    let r = completes(&quick_env(&w)).await;
-    w.assert_holds_exactly(&keep);
+    let (w, r) = survives(|w| {
+        w.sentinel.lock().unwrap().faults.push_back(Fault::throttle(
+            None,
+            r#"{"statusCode":429,"message":"Rate limit is exceeded. Try again in 1 seconds."}"#,
+        ));
+    })
+    .await;
     assert!(sent_once(&w));
     assert_eq!(r["throttled"], 1, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_429_with_retry_after_is_waited_out() {
-    let (w, keep) = spread_world().await;
-    w.sentinel
-        .lock()
-        .unwrap()
-        .faults
-        .push_back(Fault::throttle(Some("1"), r#"{"statusCode":429}"#));
-    let r = completes(&quick_env(&w)).await;
-    w.assert_holds_exactly(&keep);
+    let (w, r) = survives(|w| {
+        w.sentinel
+            .lock()
+            .unwrap()
+            .faults
+            .push_back(Fault::throttle(Some("1"), r#"{"statusCode":429}"#));
+    })
+    .await;
     assert!(sent_once(&w));
     assert_eq!(r["throttled"], 1, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_5xx_resends_the_same_batch() {
-    let (w, keep) = spread_world().await;
-    {
+    let (w, r) = survives(|w| {
         let mut s = w.sentinel.lock().unwrap();
         s.faults
             .push_back(Fault::status(500, r#"{"statusCode":500}"#));
         s.faults
             .push_back(Fault::status(503, r#"{"statusCode":503}"#));
-    }
-    let r = completes(&quick_env(&w)).await;
-    w.assert_holds_exactly(&keep);
+    })
+    .await;
     assert!(sent_once(&w));
     assert!(r["retries"].as_u64().unwrap() >= 2, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_timeout_resends_the_same_batch_without_duplicates() {
-    let (w, keep) = spread_world().await;
-    // Sentinel takes the batch, but answers after the client gave up: the resend is an
-    // update of the same ids.
-    w.sentinel
-        .lock()
-        .unwrap()
-        .faults
-        .push_back(Fault::Delay(Duration::from_secs(8)));
-    let r = completes(&quick_env(&w)).await;
-    w.assert_holds_exactly(&keep);
+    let (_, r) = survives(|w| {
+        // Sentinel takes the batch, but answers after the client gave up: the resend is an
+        // update of the same ids.
+        w.sentinel
+            .lock()
+            .unwrap()
+            .faults
+            .push_back(Fault::Delay(Duration::from_secs(8)));
+    })
+    .await;
     assert!(r["retries"].as_u64().unwrap() >= 1, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_401_gets_a_new_token_once() {
-    let (w, keep) = spread_world().await;
-    w.sentinel
-        .lock()
-        .unwrap()
-        .refuse_tokens
-        .push("entra-token-1".into());
-    completes(&quick_env(&w)).await;
-    w.assert_holds_exactly(&keep);
+    let (w, _) = survives(|w| {
+        w.sentinel
+            .lock()
+            .unwrap()
+            .refuse_tokens
+            .push("entra-token-1".into());
+    })
+    .await;
     assert!(sent_once(&w));
     assert_eq!(w.entra.lock().unwrap().requests, 2, "exactly one refresh");
 }
