@@ -1172,6 +1172,24 @@ mod tests {
         }
     }
 
+    /// `plan_page` with the tests' policy and mapping, and nothing seen yet.
+    fn plan<'a>(
+        raw: impl IntoIterator<Item = &'a str>,
+        cache: &DedupeCache,
+        clock: &Clock,
+        report: &mut CycleReport,
+    ) -> Vec<Planned> {
+        plan_page(
+            raw,
+            &policy(),
+            &stix(),
+            cache,
+            &mut HashMap::new(),
+            clock,
+            report,
+        )
+    }
+
     fn page(json: &str) -> MatiPage {
         MatiPage::parse(json.as_bytes().to_vec()).unwrap()
     }
@@ -1261,27 +1279,11 @@ mod tests {
         let clock = Clock::new(NOW, &stix());
         let mut cache = DedupeCache::new();
         let mut report = CycleReport::default();
-        for p in plan_page(
-            before.indicators(),
-            &policy(),
-            &stix(),
-            &cache,
-            &mut HashMap::new(),
-            &clock,
-            &mut report,
-        ) {
+        for p in plan(before.indicators(), &cache, &clock, &mut report) {
             cache.record(&p.mandiant_id, p.cache_entry());
         }
         let mut report = CycleReport::default();
-        let planned = plan_page(
-            after.indicators(),
-            &policy(),
-            &stix(),
-            &cache,
-            &mut HashMap::new(),
-            &clock,
-            &mut report,
-        );
+        let planned = plan(after.indicators(), &cache, &clock, &mut report);
         // Only the one Sentinel has is expired; the other was never uploaded.
         assert_eq!(planned.len(), 1);
         let p = &planned[0];
@@ -1314,12 +1316,9 @@ mod tests {
         let clock = Clock::new(NOW, &stix());
         // What an earlier install uploaded, as it would read back.
         let mut earlier = CycleReport::default();
-        let own = plan_page(
+        let own = plan(
             feed.indicators().take(1),
-            &policy(),
-            &stix(),
             &DedupeCache::new(),
-            &mut HashMap::new(),
             &clock,
             &mut earlier,
         )
@@ -1350,15 +1349,7 @@ mod tests {
             );
         }
         let mut report = CycleReport::default();
-        let planned = plan_page(
-            feed.indicators(),
-            &policy(),
-            &stix(),
-            &cache,
-            &mut HashMap::new(),
-            &clock,
-            &mut report,
-        );
+        let planned = plan(feed.indicators(), &cache, &clock, &mut report);
         let by_id: HashMap<&str, &Planned> = planned
             .iter()
             .map(|p| (p.mandiant_id.as_str(), p))
@@ -1402,12 +1393,9 @@ mod tests {
         // Recorded with its adopted id, later cycles keep using it without the seed.
         let mut later = DedupeCache::new();
         later.record("ipv4--vendor", adopted.cache_entry());
-        let again = plan_page(
+        let again = plan(
             feed.indicators().skip(1).take(1),
-            &policy(),
-            &stix(),
             &later,
-            &mut HashMap::new(),
             &clock,
             &mut CycleReport::default(),
         );
