@@ -948,3 +948,62 @@ async fn an_indicator_that_stops_qualifying_is_expired_and_can_come_back() {
     assert!(parse(&back["valid_until"]) > OffsetDateTime::now_utc() + Duration::days(6));
     w.export_stix("expired-and-back");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_indicator_mandiant_keeps_updating_never_lapses() {
+    use mati_sentinel::dedupe::{DedupeCache, Entry};
+    let (w, keep) = spread_world().await;
+    let env = quick_env(&w);
+    completes(&env).await;
+    w.assert_holds_exactly(&keep);
+
+    // Two days pass: the cache now says Sentinel accepted each lifetime two days ago.
+    let path = w.state_dir.path().join("dedupe-cache.bin");
+    let mut cache = DedupeCache::decode(&std::fs::read(&path).unwrap()).unwrap();
+    for id in &keep {
+        let e = *cache.get(id).unwrap();
+        cache.record(
+            id,
+            Entry {
+                valid_until: e.valid_until - 2 * 86_400,
+                ..e
+            },
+        );
+    }
+    std::fs::write(&path, cache.encode()).unwrap();
+    let id = "ipv4--00000000-0000-5000-8000-000000000000";
+    let until_before = {
+        let s = w.sentinel.lock().unwrap();
+        let o = s
+            .by_id
+            .values()
+            .find(|o| o["external_references"][0]["external_id"] == id);
+        parse(&o.unwrap()["valid_until"])
+    };
+
+    // Mandiant touches one indicator without changing what we upload.
+    {
+        let mut m = w.mandiant.lock().unwrap();
+        let i = m.indicators.iter_mut().find(|i| i["id"] == id).unwrap();
+        i["last_updated"] = json!(ts(OffsetDateTime::now_utc() - Duration::minutes(2)));
+    }
+    let r = completes(&env).await;
+    assert_eq!(
+        (r["extended"].as_u64(), r["uploaded"].as_u64()),
+        (Some(1), Some(1)),
+        "{r}"
+    );
+    let s = w.sentinel.lock().unwrap();
+    let last = s.received.last().unwrap();
+    assert_eq!(last["external_references"][0]["external_id"], id);
+    assert!(
+        parse(&last["valid_until"]) >= until_before,
+        "the lifetime moves forward"
+    );
+    drop(s);
+    w.assert_holds_exactly(&keep);
+
+    // Without the two days, the same touch sends nothing.
+    let r = completes(&env).await;
+    assert_eq!(r["uploaded"], 0, "{r}");
+}
