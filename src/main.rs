@@ -413,6 +413,9 @@ fn print_summary(r: &CycleReport, output: Option<&std::path::Path>) {
     if let Some(e) = &r.error {
         println!("  {:<13} {e}", "error");
     }
+    if let Some(e) = &r.retrying_at_stop {
+        println!("  {:<13} {e}", "retrying");
+    }
 }
 
 /// Live progress on a terminal: one line on stderr, redrawn four times a second.

@@ -547,7 +547,9 @@ impl MatiClient {
                         Ok(b) => b,
                         Err(e) => {
                             last = transport_error(&e);
-                            self.deadline.sleep(self.retry.backoff(attempt)).await?;
+                            self.deadline
+                                .sleep(self.retry.backoff(attempt), &last)
+                                .await?;
                             continue;
                         }
                     };
@@ -589,7 +591,7 @@ impl MatiClient {
             };
             if attempt < self.retry.max_attempts {
                 tracing::warn!(what, attempt, wait_ms = wait.as_millis() as u64, error = %last, "Mandiant request failed; retrying");
-                self.deadline.sleep(wait).await?;
+                self.deadline.sleep(wait, &last).await?;
             }
         }
         Err(MatiError::GaveUp {
@@ -642,7 +644,9 @@ impl MatiClient {
                     if attempt < self.retry.max_attempts {
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(what, attempt, error = %last, "Mandiant page unreadable; retrying");
-                        self.deadline.sleep(self.retry.backoff(attempt)).await?;
+                        self.deadline
+                            .sleep(self.retry.backoff(attempt), &last)
+                            .await?;
                     }
                 }
             }

@@ -114,10 +114,15 @@ impl RetryPolicy {
     }
 }
 
-/// A retry wait would end after the cycle's deadline.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("the cycle's time budget ends before the next retry could be sent")]
-pub struct OutOfTime;
+/// A retry wait would end after the cycle's deadline; `retrying` says what failed last, so a
+/// budget stop caused by an unreachable service names it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the cycle's time budget ends before the next retry could be sent (retrying after: {retrying})"
+)]
+pub struct OutOfTime {
+    pub retrying: String,
+}
 
 /// The deadline of the cycle a client works for; `None` outside a cycle (`check`).
 #[derive(Debug, Default)]
@@ -130,10 +135,12 @@ impl Deadline {
 
     /// Sleeps `wait`, unless that would pass the deadline: then the caller stops cleanly
     /// instead of overrunning the Functions timeout with retries.
-    pub async fn sleep(&self, wait: Duration) -> Result<(), OutOfTime> {
+    pub async fn sleep(&self, wait: Duration, retrying: &str) -> Result<(), OutOfTime> {
         let deadline = *self.0.lock().expect("deadline lock");
         if deadline.is_some_and(|d| Instant::now() + wait >= d) {
-            return Err(OutOfTime);
+            return Err(OutOfTime {
+                retrying: retrying.to_string(),
+            });
         }
         tokio::time::sleep(wait).await;
         Ok(())
@@ -203,10 +210,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_wait_past_the_deadline_is_refused() {
         let d = Deadline::default();
-        assert_eq!(d.sleep(Duration::from_secs(3600)).await, Ok(()));
+        assert_eq!(d.sleep(Duration::from_secs(3600), "x").await, Ok(()));
         d.set(Some(Instant::now() + Duration::from_secs(10)));
-        assert_eq!(d.sleep(Duration::from_secs(5)).await, Ok(()));
-        assert_eq!(d.sleep(Duration::from_secs(5)).await, Err(OutOfTime));
+        assert_eq!(d.sleep(Duration::from_secs(5), "x").await, Ok(()));
+        assert_eq!(
+            d.sleep(Duration::from_secs(5), "HTTP 503").await,
+            Err(OutOfTime {
+                retrying: "HTTP 503".into()
+            })
+        );
     }
 
     #[test]

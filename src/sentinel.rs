@@ -475,7 +475,7 @@ impl Post<'_> {
     ) -> Result<(), OutOfTime> {
         if attempt < self.retry.max_attempts {
             tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %why, "{}", self.what);
-            self.deadline.sleep(wait).await?;
+            self.deadline.sleep(wait, why).await?;
         }
         Ok(())
     }

@@ -104,6 +104,9 @@ pub struct CycleReport {
     pub checkpoint: Option<String>,
     pub duration_ms: u64,
     pub error: Option<String>,
+    /// The budget ran out while a request was being retried: what failed (an unreachable
+    /// or failing service shows here, not only in the log).
+    pub retrying_at_stop: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -695,8 +698,12 @@ async fn cycle_with_lock(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instan
     };
     set_deadlines(p, Some(deadline));
     let result = match cycle_body(&mut run).await {
-        // A run from a file has no window to stop in: a retry past the deadline ends it here.
-        Err(e) if is_out_of_time(&e) => Ok(StopReason::TimeBudget),
+        // A run from a file, or one stopped before its first window (reconciliation, the
+        // refused queue): a retry past the deadline ends it here, with nothing to move.
+        Err(e) if is_out_of_time(&e) => {
+            run.report.retrying_at_stop = Some(format!("{e:#}"));
+            Ok(StopReason::TimeBudget)
+        }
         other => other,
     };
     set_deadlines(p, None);
@@ -878,8 +885,10 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
             Ok(Flow::OutOfTime) => {
                 return stop_for_budget(run, &mut checkpoint_version, start, last_finished).await;
             }
-            // A retry that would wait past the deadline: a budget stop, not a failure.
+            // A retry that would wait past the deadline: a budget stop, not a failure, but
+            // the report says what kept failing.
             Err(e) if is_out_of_time(&e) => {
+                run.report.retrying_at_stop = Some(format!("{e:#}"));
                 return stop_for_budget(run, &mut checkpoint_version, start, last_finished).await;
             }
             Err(e) => return Err(e),

@@ -153,6 +153,7 @@ pub fn summary_event(r: &CycleReport, api: &str) {
         dry_run = r.dry_run,
         window_start = r.window_start.as_deref().unwrap_or(""),
         window_end = r.window_end.as_deref().unwrap_or(""),
+        retrying_at_stop = r.retrying_at_stop.as_deref().unwrap_or(""),
         pages = r.pages,
         fetched = r.fetched,
         malformed = r.malformed,
