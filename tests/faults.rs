@@ -200,6 +200,20 @@ async fn mandiant_hung_response_times_out_and_is_retried() {
 // Entra ID
 
 #[tokio::test(flavor = "multi_thread")]
+async fn entra_token_endpoint_blip_is_retried_within_the_cycle() {
+    let (w, _) = survives(|w| {
+        w.entra
+            .lock()
+            .unwrap()
+            .faults
+            .push_back(Fault::status(503, r#"{"error":"temporarily_unavailable"}"#));
+    })
+    .await;
+    assert!(sent_once(&w));
+    assert_eq!(w.entra.lock().unwrap().requests, 2, "asked again once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn entra_token_endpoint_failing_fails_the_cycle_and_the_next_run_completes() {
     let (w, keep) = spread_world().await;
     {
