@@ -31,11 +31,14 @@ pub enum BuildError {
 }
 
 /// The process's HTTP client: rustls with the operating system's trust store (so
-/// `SSL_CERT_FILE` adds a CA), gzip, and no proxy surprises.
-pub fn http_client() -> reqwest::Client {
+/// `SSL_CERT_FILE` adds a CA), gzip, and no proxy surprises. `timeout` bounds every request,
+/// the Entra token requests the SDK sends through it included (our own clients set the same
+/// per request).
+pub fn http_client(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .user_agent(APP_NAME)
         .connect_timeout(Duration::from_secs(15))
+        .timeout(timeout)
         .build()
         .expect("the HTTP client builds")
 }
@@ -86,7 +89,7 @@ pub struct App {
 impl App {
     /// Builds the parts for real cycles; `config` must have been read with `Needs::ALL`.
     pub fn build(config: Config) -> Result<App, BuildError> {
-        let http = http_client();
+        let http = http_client(config.sync.http_timeout);
         let mati_config = config
             .mati
             .clone()

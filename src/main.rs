@@ -87,7 +87,9 @@ fn main() -> ExitCode {
             && std::io::stderr().is_terminal();
         let telemetry = Arc::new(telemetry::init(
             connection_string.as_deref(),
-            http_client(),
+            http_client(std::time::Duration::from_secs(
+                mati_sentinel::config::defaults::HTTP_TIMEOUT_SECONDS,
+            )),
             quiet,
         ));
         let code = match cli.command {
@@ -162,7 +164,7 @@ async fn sync(
         Ok(s) => s,
         Err(e) => return build_error(&e),
     };
-    let http = http_client();
+    let http = http_client(config.sync.http_timeout);
 
     let mati;
     let source = match &from_file {
@@ -487,7 +489,7 @@ async fn check() -> u8 {
         failed |= !ok;
         println!("{}  {what}: {detail}", if ok { "ok  " } else { "FAIL" });
     };
-    let http = http_client();
+    let http = http_client(config.sync.http_timeout);
     let retry = RetryPolicy {
         max_attempts: 2,
         ..config.sync.retry_policy()

@@ -214,6 +214,21 @@ async fn entra_token_endpoint_blip_is_retried_within_the_cycle() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn entra_token_endpoint_hung_times_out_and_is_asked_again() {
+    let (w, _) = survives(|w| {
+        // HTTP_TIMEOUT_SECONDS is 5: this token comes too late.
+        w.entra
+            .lock()
+            .unwrap()
+            .faults
+            .push_back(Fault::Delay(Duration::from_secs(8)));
+    })
+    .await;
+    assert!(sent_once(&w));
+    assert!(w.entra.lock().unwrap().requests >= 2, "asked again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn entra_token_endpoint_failing_fails_the_cycle_and_the_next_run_completes() {
     let (w, keep) = spread_world().await;
     {
