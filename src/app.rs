@@ -11,7 +11,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use crate::config::{Config, ConfigError, Problem, StateConfig};
-use crate::mati::{APP_NAME, MatiClient};
+use crate::mati::MatiClient;
 use crate::rate_limit::SlidingWindow;
 use crate::sentinel::{SentinelError, SentinelUploader};
 use crate::state::blob::BlobStore;
@@ -30,31 +30,22 @@ pub enum BuildError {
     State(#[from] StateError),
 }
 
-/// The process's HTTP client: rustls with the operating system's trust store (so
-/// `SSL_CERT_FILE` adds a CA), gzip, and no proxy surprises. `timeout` bounds every request,
-/// the Entra token requests the SDK sends through it included (our own clients set the same
-/// per request).
-pub fn http_client(timeout: Duration) -> reqwest::Client {
-    reqwest::Client::builder()
-        .user_agent(APP_NAME)
-        .connect_timeout(Duration::from_secs(15))
-        .timeout(timeout)
-        .build()
-        .expect("the HTTP client builds")
-}
+pub use crate::http_client;
 
 pub fn build_store(
     state: &StateConfig,
     managed_identity_client_id: Option<&str>,
+    timeout: Duration,
 ) -> Result<Arc<dyn StateStore>, BuildError> {
     Ok(match state {
         StateConfig::Folder(dir) => Arc::new(FileStore::new(dir)),
         StateConfig::BlobManagedIdentity(url) => Arc::new(BlobStore::with_managed_identity(
             url,
             managed_identity_client_id,
+            timeout,
         )?),
-        StateConfig::BlobSas(url) => Arc::new(BlobStore::with_sas_url(url.expose())?),
-        StateConfig::DevelopmentStorage => Arc::new(BlobStore::development_storage()?),
+        StateConfig::BlobSas(url) => Arc::new(BlobStore::with_sas_url(url.expose(), timeout)?),
+        StateConfig::DevelopmentStorage => Arc::new(BlobStore::development_storage(timeout)?),
     })
 }
 
@@ -97,7 +88,11 @@ impl App {
         let sentinel_config = config.sentinel.clone().ok_or_else(|| {
             setting_problem("AZURE_WORKSPACE_ID", "is required but not set".into())
         })?;
-        let store = build_store(&config.state, config.managed_identity_client_id.as_deref())?;
+        let store = build_store(
+            &config.state,
+            config.managed_identity_client_id.as_deref(),
+            config.sync.http_timeout,
+        )?;
         let uploader = SentinelUploader::new(
             http.clone(),
             &sentinel_config,

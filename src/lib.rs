@@ -22,3 +22,16 @@ pub mod stix;
 pub mod sync;
 pub mod telemetry;
 pub mod workspace;
+
+/// The process's HTTP client: rustls with the operating system's trust store (so
+/// `SSL_CERT_FILE` adds a CA), gzip, and no proxy surprises. `timeout` bounds every request,
+/// the Entra token requests the SDK sends through it included (our own clients set the same
+/// per request).
+pub fn http_client(timeout: std::time::Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(mati::APP_NAME)
+        .connect_timeout(std::time::Duration::from_secs(15))
+        .timeout(timeout)
+        .build()
+        .expect("the HTTP client builds")
+}

@@ -160,7 +160,11 @@ async fn sync(
         }
         return report_cycle(&result.report, result.error.as_ref(), json, None);
     }
-    let store = match build_store(&config.state, config.managed_identity_client_id.as_deref()) {
+    let store = match build_store(
+        &config.state,
+        config.managed_identity_client_id.as_deref(),
+        config.sync.http_timeout,
+    ) {
         Ok(s) => s,
         Err(e) => return build_error(&e),
     };
@@ -538,7 +542,11 @@ async fn check() -> u8 {
         Err(e) => line(false, "Sentinel", format!("{e}")),
     }
 
-    match build_store(&config.state, config.managed_identity_client_id.as_deref()) {
+    match build_store(
+        &config.state,
+        config.managed_identity_client_id.as_deref(),
+        config.sync.http_timeout,
+    ) {
         Err(e) => line(false, "state", e.to_string().trim().to_string()),
         Ok(store) => {
             let probe = "check-probe";

@@ -476,6 +476,7 @@ async fn state_write_conflict_412_fails_the_cycle_and_the_next_run_completes() {
     let other = mati_sentinel::state::blob::BlobStore::development_storage_at(
         &azurite.endpoint,
         "conflict",
+        std::time::Duration::from_secs(30),
     )
     .unwrap();
     let start = OffsetDateTime::now_utc().unix_timestamp() - 5 * 86_400;
@@ -573,6 +574,41 @@ async fn state_store_unavailable_fails_cleanly_and_the_next_run_completes() {
     let _azurite = Azurite::start(port);
     w.mandiant.lock().unwrap().page_delay = Duration::ZERO;
     completes(&env).await;
+    w.assert_holds_exactly(&keep);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_store_hung_fails_the_cycle_and_the_next_run_completes() {
+    let (w, keep) = spread_world().await;
+    // A store that takes connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    let mut hung = quick_env(&w);
+    hung.remove("STATE_DIR");
+    hung.insert(
+        "STATE_CONTAINER_SAS_URL".into(),
+        mati_sentinel::state::blob::development_sas_url(&endpoint, "hung").unwrap(),
+    );
+    // HTTP_TIMEOUT_SECONDS is 5 and the store client retries three times: without the
+    // timeout this run would never end (the guard turns that into a failure).
+    let out = tokio::time::timeout(Duration::from_secs(120), run(&["sync", "--json"], &hung))
+        .await
+        .expect("a hung store does not hang the cycle");
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.all().contains("state store unavailable"),
+        "{}",
+        out.all()
+    );
+    assert!(w.received_ids().is_empty(), "no lock, no upload");
+
+    completes(&quick_env(&w)).await;
     w.assert_holds_exactly(&keep);
 }
 

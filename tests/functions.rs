@@ -230,7 +230,10 @@ async fn with_development_storage_state_lives_only_in_azurite() {
         0,
         "no local state folder"
     );
-    let store = mati_sentinel::state::blob::BlobStore::development_storage().unwrap();
+    let store = mati_sentinel::state::blob::BlobStore::development_storage(
+        std::time::Duration::from_secs(30),
+    )
+    .unwrap();
     use mati_sentinel::state::StateStore;
     assert!(store.read("checkpoint.json").await.unwrap().is_some());
     assert!(store.read("dedupe-cache.bin").await.unwrap().is_some());

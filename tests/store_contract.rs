@@ -104,8 +104,18 @@ async fn the_folder_store_keeps_the_contract() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_blob_store_keeps_the_contract() {
     let azurite = support::Azurite::start(0);
-    let a = BlobStore::development_storage_at(&azurite.endpoint, "contract").unwrap();
-    let b = BlobStore::development_storage_at(&azurite.endpoint, "contract").unwrap();
+    let a = BlobStore::development_storage_at(
+        &azurite.endpoint,
+        "contract",
+        std::time::Duration::from_secs(30),
+    )
+    .unwrap();
+    let b = BlobStore::development_storage_at(
+        &azurite.endpoint,
+        "contract",
+        std::time::Duration::from_secs(30),
+    )
+    .unwrap();
     contract(Arc::new(a), Arc::new(b)).await;
 }
 
@@ -116,8 +126,12 @@ async fn a_blob_store_without_a_reachable_service_says_so() {
         .local_addr()
         .unwrap()
         .port();
-    let store =
-        BlobStore::development_storage_at(&format!("http://127.0.0.1:{port}"), "x").unwrap();
+    let store = BlobStore::development_storage_at(
+        &format!("http://127.0.0.1:{port}"),
+        "x",
+        std::time::Duration::from_secs(30),
+    )
+    .unwrap();
     let err = store.read("checkpoint.json").await.unwrap_err();
     assert!(matches!(err, StateError::Unavailable(_)), "{err}");
     assert!(
@@ -133,9 +147,13 @@ async fn the_blob_lease_is_renewed_while_held_and_lapses_after_a_crash() {
     use std::time::Duration;
     let azurite = support::Azurite::start(0);
     let store = |renew: u64| {
-        BlobStore::development_storage_at(&azurite.endpoint, "lease")
-            .unwrap()
-            .with_lease_timing(15, Duration::from_secs(renew))
+        BlobStore::development_storage_at(
+            &azurite.endpoint,
+            "lease",
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap()
+        .with_lease_timing(15, Duration::from_secs(renew))
     };
     let (a, b) = (store(5), store(5));
     let held = a.try_lock().await.unwrap().expect("the first lock");

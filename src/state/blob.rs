@@ -14,7 +14,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use azure_core::credentials::{Secret, TokenCredential};
 use azure_core::http::{
-    Etag, ExponentialRetryOptions, RequestContent, RetryOptions, StatusCode, Url,
+    ClientOptions, Etag, ExponentialRetryOptions, RequestContent, RetryOptions, StatusCode,
+    Transport, Url,
 };
 use azure_identity::{ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId};
 use azure_storage_blob::models::{
@@ -88,8 +89,19 @@ fn describe_error(e: azure_core::Error) -> String {
     }
 }
 
+/// The process's HTTP client (its trust roots, its timeout) as the SDK's transport.
+fn transport(timeout: Duration) -> Transport {
+    Transport::new(Arc::new(crate::http_client(timeout)))
+}
+
 impl BlobStore {
-    fn new(url: Url, credential: Option<Arc<dyn TokenCredential>>) -> Result<Self, StateError> {
+    /// `timeout` bounds each request (`HTTP_TIMEOUT_SECONDS`): a hung store fails the cycle
+    /// after the few retries below instead of holding it until the Functions timeout.
+    fn new(
+        url: Url,
+        credential: Option<Arc<dyn TokenCredential>>,
+        timeout: Duration,
+    ) -> Result<Self, StateError> {
         let mut shown = url.clone();
         shown.set_query(None);
         let mut options = BlobContainerClientOptions {
@@ -106,6 +118,7 @@ impl BlobStore {
             max_total_elapsed: azure_core::time::Duration::seconds(20),
         };
         options.client_options.retry = RetryOptions::exponential(retry);
+        options.client_options.transport = Some(transport(timeout));
         let container = BlobContainerClient::new(url, credential, Some(options))
             .map_err(|e| unavailable("building the Blob client", describe_error(e)))?;
         Ok(BlobStore {
@@ -125,31 +138,42 @@ impl BlobStore {
     }
 
     /// `STATE_CONTAINER_URL`, reached with the (user-assigned, when given) managed identity.
-    pub fn with_managed_identity(url: &str, client_id: Option<&str>) -> Result<Self, StateError> {
+    pub fn with_managed_identity(
+        url: &str,
+        client_id: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Self, StateError> {
         let url = Url::parse(url).map_err(|e| unavailable("STATE_CONTAINER_URL", e))?;
         let credential = ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
             user_assigned_id: client_id.map(|c| UserAssignedId::ClientId(c.to_string())),
-            ..Default::default()
+            client_options: ClientOptions {
+                transport: Some(transport(timeout)),
+                ..Default::default()
+            },
         }))
         .map_err(|e| unavailable("the managed identity", describe_error(e)))?;
-        Self::new(url, Some(credential))
+        Self::new(url, Some(credential), timeout)
     }
 
     /// `STATE_CONTAINER_SAS_URL`: the SAS in the URL authorises every request.
-    pub fn with_sas_url(url: &str) -> Result<Self, StateError> {
+    pub fn with_sas_url(url: &str, timeout: Duration) -> Result<Self, StateError> {
         let url =
             Url::parse(url).map_err(|_| unavailable("STATE_CONTAINER_SAS_URL", "not a URL"))?;
-        Self::new(url, None)
+        Self::new(url, None, timeout)
     }
 
     /// Azurite's development account at `127.0.0.1:10000`.
-    pub fn development_storage() -> Result<Self, StateError> {
-        Self::development_storage_at("http://127.0.0.1:10000", DEV_CONTAINER)
+    pub fn development_storage(timeout: Duration) -> Result<Self, StateError> {
+        Self::development_storage_at("http://127.0.0.1:10000", DEV_CONTAINER, timeout)
     }
 
     /// Azurite's development account at another endpoint (tests start Azurite on a free port).
-    pub fn development_storage_at(endpoint: &str, container: &str) -> Result<Self, StateError> {
-        Self::with_sas_url(&development_sas_url(endpoint, container)?)
+    pub fn development_storage_at(
+        endpoint: &str,
+        container: &str,
+        timeout: Duration,
+    ) -> Result<Self, StateError> {
+        Self::with_sas_url(&development_sas_url(endpoint, container)?, timeout)
     }
 
     fn blob(&self, name: &str) -> BlobClient {
