@@ -25,8 +25,8 @@ pub mod workspace;
 
 /// The process's HTTP client: rustls with the operating system's trust store (so
 /// `SSL_CERT_FILE` adds a CA), gzip, and no proxy surprises. `timeout` bounds every request,
-/// the Entra token requests the SDK sends through it included (our own clients set the same
-/// per request).
+/// the SDK's Entra token and Blob Storage requests sent through it included (our own clients
+/// set the same per request).
 pub fn http_client(timeout: std::time::Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .user_agent(mati::APP_NAME)
