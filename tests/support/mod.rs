@@ -1,10 +1,11 @@
-//! Test harness: in-process fakes of Mandiant, Entra ID and Sentinel, served over TLS on
-//! loopback with a test CA, and a runner for the real `mati-sentinel` binary.
+//! Test harness: in-process fakes of Mandiant, Entra ID, Sentinel and the management API,
+//! served over TLS on loopback with a test CA, and a runner for the real `mati-sentinel` binary.
 //!
 //! The fakes follow the documented payloads (`shared/reference/`): Mandiant's `/token` with
-//! HTTP Basic and `next`-only paging, Entra's v2.0 token endpoint and its AADSTS errors,
-//! Sentinel's two upload APIs with `errors[]`, 429 bodies and the 100-object limit. Faults
-//! are queued per fake and served in order.
+//! HTTP Basic and `next`-only paging, Entra's v2.0 token endpoint and its AADSTS errors (and
+//! token lifetimes the other fakes enforce), Sentinel's two upload APIs with `errors[]`, 429
+//! bodies and the 100-object limit, and the management API's `/query` over what the fake
+//! Sentinel holds, paged by `nextLink`. Faults are queued per fake and served in order.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
