@@ -22,7 +22,6 @@ use crate::retry::OutOfTime;
 use crate::sentinel::{MAX_BATCH, SentinelError, SentinelUploader};
 use crate::state::{
     CHECKPOINT, Checkpoint, DEDUPE_CACHE, Precondition, REFUSED, Refused, RefusedQueue, StateStore,
-    Versioned,
 };
 use crate::stix::{Clock, StixIndicator, expire, fingerprint, identity, to_stix, uuid_text};
 use crate::workspace::{WorkspaceError, WorkspaceReader};
@@ -340,14 +339,15 @@ struct Run<'a> {
     started: Instant,
     deadline: Instant,
     cache: DedupeCache,
-    cache_read: Option<Versioned>,
+    /// What the next cache write must find (the version read or last written).
+    cache_version: Precondition,
     cache_dirty: bool,
     seen: HashMap<String, u64>,
     pending: Vec<Planned>,
     identity_sent: bool,
     /// Objects Sentinel refused, by Mandiant id, to be sent again by the next cycle.
     refused: HashMap<String, Refused>,
-    refused_read: Option<Versioned>,
+    refused_version: Precondition,
     refused_dirty: bool,
     report: CycleReport,
 }
@@ -546,38 +546,25 @@ impl Run<'_> {
             queue
                 .objects
                 .sort_by(|a, b| a.mandiant_id.cmp(&b.mandiant_id));
-            let version = self
-                .p
-                .store
-                .write(
-                    REFUSED,
-                    &queue.encode(),
-                    Precondition::from_read(self.refused_read.as_ref()),
-                )
-                .await?;
-            self.refused_read = Some(Versioned {
-                bytes: Vec::new(),
-                version,
-            });
+            write_tracked(
+                self.p.store,
+                REFUSED,
+                &queue.encode(),
+                &mut self.refused_version,
+            )
+            .await?;
             self.refused_dirty = false;
         }
         if !self.cache_dirty {
             return Ok(());
         }
-        let bytes = self.cache.encode();
-        let version = self
-            .p
-            .store
-            .write(
-                DEDUPE_CACHE,
-                &bytes,
-                Precondition::from_read(self.cache_read.as_ref()),
-            )
-            .await?;
-        self.cache_read = Some(Versioned {
-            bytes: Vec::new(),
-            version,
-        });
+        write_tracked(
+            self.p.store,
+            DEDUPE_CACHE,
+            &self.cache.encode(),
+            &mut self.cache_version,
+        )
+        .await?;
         self.cache_dirty = false;
         // Every save is followed by a checkpoint write (or the cycle's end).
         crate::failpoint::reach("after_cache_write").await;
@@ -683,13 +670,13 @@ async fn cycle_with_lock(p: &Pipeline<'_>, now: OffsetDateTime, deadline: Instan
         started,
         deadline,
         cache: DedupeCache::new(),
-        cache_read: None,
+        cache_version: Precondition::Absent,
         cache_dirty: false,
         seen: HashMap::new(),
         pending: Vec::new(),
         identity_sent: false,
         refused: HashMap::new(),
-        refused_read: None,
+        refused_version: Precondition::Absent,
         refused_dirty: false,
         report: CycleReport {
             dry_run,
@@ -771,12 +758,13 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
         .map(|v| Checkpoint::decode(&v.bytes))
         .transpose()
         .context("reading the checkpoint")?;
-    run.cache_read = p
+    let cache_read = p
         .store
         .read(DEDUPE_CACHE)
         .await
         .context("reading the dedupe cache")?;
-    if let Some(v) = &run.cache_read {
+    run.cache_version = Precondition::from_read(cache_read.as_ref());
+    if let Some(v) = &cache_read {
         match DedupeCache::decode(&v.bytes) {
             Ok(c) => run.cache = c,
             // A cache we cannot read only costs re-uploads: start empty, and overwrite it.
@@ -784,12 +772,13 @@ async fn cycle_body(run: &mut Run<'_>) -> anyhow::Result<StopReason> {
         }
     }
     if !matches!(p.sink, Sink::DryRun(_)) {
-        run.refused_read = p
+        let refused_read = p
             .store
             .read(REFUSED)
             .await
             .context("reading the queue of refused objects")?;
-        if let Some(v) = &run.refused_read {
+        run.refused_version = Precondition::from_read(refused_read.as_ref());
+        if let Some(v) = &refused_read {
             match RefusedQueue::decode(&v.bytes) {
                 Ok(q) => {
                     run.refused = q
@@ -1079,19 +1068,28 @@ fn rfc3339(unix: i64) -> String {
         .unwrap_or_else(|_| unix.to_string())
 }
 
+/// A conditional write that moves `version` on, so the next write of `name` by this cycle
+/// expects what this one left.
+async fn write_tracked(
+    store: &dyn StateStore,
+    name: &str,
+    bytes: &[u8],
+    version: &mut Precondition,
+) -> Result<(), crate::state::StateError> {
+    let v = store.write(name, bytes, version.clone()).await?;
+    *version = Precondition::Matches(v);
+    Ok(())
+}
+
 async fn write_checkpoint(
     run: &mut Run<'_>,
     version: &mut Precondition,
     cp: &Checkpoint,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    let v = run
-        .p
-        .store
-        .write(CHECKPOINT, &cp.encode(), version.clone())
+    write_tracked(run.p.store, CHECKPOINT, &cp.encode(), version)
         .await
         .context("saving the checkpoint")?;
-    *version = Precondition::Matches(v);
     run.report.checkpoint = Some(rfc3339(cp.window_start));
     Ok(())
 }
