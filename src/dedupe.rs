@@ -34,12 +34,6 @@ pub enum Decision {
     Expire,
 }
 
-impl Decision {
-    pub fn uploads(self) -> bool {
-        self != Decision::Unchanged
-    }
-}
-
 /// A re-upload only to extend `valid_until` is worth it when it gains more than a day.
 pub const EXTEND_THRESHOLD_SECS: i64 = 86_400;
 
@@ -171,16 +165,6 @@ impl DedupeCache {
 
     pub fn get(&self, mandiant_id: &str) -> Option<&Entry> {
         self.entries.get(&Key::of(mandiant_id))
-    }
-
-    pub fn decide(&self, mandiant_id: &str, fingerprint: u64, valid_until: i64) -> Decision {
-        let held = self.get(mandiant_id).map(|e| Held {
-            stix_uuid: e.stix_uuid,
-            fingerprint: Some(e.fingerprint),
-            valid_until: e.valid_until,
-            seeded: false,
-        });
-        judge(held.as_ref(), fingerprint, valid_until)
     }
 
     /// Remembers an object the workspace holds. When several share a pattern (duplicates
@@ -376,17 +360,17 @@ mod tests {
     fn decisions() {
         let mut c = DedupeCache::new();
         let id = "ipv4--296e3068-fe73-558d-a4b9-77ac5b9d4cf8";
-        assert_eq!(c.decide(id, 1, 10 * DAY), Decision::New);
+        let decide = |c: &DedupeCache, fp, until| judge(c.lookup(id, "").as_ref(), fp, until);
+        assert_eq!(decide(&c, 1, 10 * DAY), Decision::New);
         c.record(id, entry(1, 10 * DAY));
-        assert_eq!(c.decide(id, 1, 10 * DAY), Decision::Unchanged);
+        assert_eq!(decide(&c, 1, 10 * DAY), Decision::Unchanged);
         assert_eq!(
-            c.decide(id, 1, 11 * DAY),
+            decide(&c, 1, 11 * DAY),
             Decision::Unchanged,
             "exactly a day more"
         );
-        assert_eq!(c.decide(id, 1, 11 * DAY + 1), Decision::Extend);
-        assert_eq!(c.decide(id, 2, 10 * DAY), Decision::Changed);
-        assert!(!Decision::Unchanged.uploads() && Decision::Extend.uploads());
+        assert_eq!(decide(&c, 1, 11 * DAY + 1), Decision::Extend);
+        assert_eq!(decide(&c, 2, 10 * DAY), Decision::Changed);
     }
 
     #[test]

@@ -144,7 +144,6 @@ pub fn query_body(source_system: &str) -> Value {
 pub struct WorkspaceReader {
     http: reqwest::Client,
     url: String,
-    origin: String,
     resource: WorkspaceResource,
     retry: RetryPolicy,
     pub stats: ClientStats,
@@ -170,7 +169,6 @@ impl WorkspaceReader {
         WorkspaceReader {
             http,
             url,
-            origin: resource.resource_manager.origin().ascii_serialization(),
             resource: resource.clone(),
             retry,
             stats: ClientStats::default(),
@@ -187,6 +185,13 @@ impl WorkspaceReader {
         mut each: impl FnMut(Found),
     ) -> Result<ReadStats, WorkspaceError> {
         let body = query_body(source_system).to_string();
+        let origin = format!(
+            "{}/",
+            self.resource
+                .resource_manager
+                .origin()
+                .ascii_serialization()
+        );
         let mut stats = ReadStats::default();
         let mut url = self.url.clone();
         loop {
@@ -202,7 +207,7 @@ impl WorkspaceReader {
                 return Ok(stats);
             };
             // The token is for Azure Resource Manager: never hand it to another host.
-            if !next.starts_with(&format!("{}/", self.origin)) {
+            if !next.starts_with(&origin) {
                 return Err(WorkspaceError::ForeignNextLink { link: next });
             }
             url = next;
